@@ -1,0 +1,77 @@
+"""Pictures of a validation epoch: the per-frame PSNR curve and sample outputs.
+
+``ValidationFigures`` keeps the first validation clip, and at the end of each
+validation epoch writes (1) PSNR_t against t and (2) a grid of degraded / restored /
+clean frames, as PNGs under ``<run dir>/figures/`` and as images in W&B when a
+``WandbLogger`` is attached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+
+
+def log_figure(trainer: L.Trainer, fig, name: str, out_dir: Path) -> Path:
+    """Save a matplotlib figure as PNG and send it to every W&B logger of the trainer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_step{trainer.global_step:07d}.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=f"figures/{name}", images=[str(path)], step=trainer.global_step)
+    return path
+
+
+class ValidationFigures(L.Callback):
+    """Args: frames_shown: how many frames of the sample clip to draw (evenly spaced)."""
+
+    def __init__(self, frames_shown: int = 4):
+        self.frames_shown = frames_shown
+        self._sample: tuple[torch.Tensor, ...] | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and isinstance(outputs, torch.Tensor):
+            self._sample = tuple(t[0].detach().float().cpu() for t in (batch["input"], outputs, batch["target"]))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        out_dir = Path(trainer.default_root_dir) / "figures"
+        metrics = trainer.callback_metrics
+        curve = [float(metrics[k]) for t in range(1, 1000) if (k := f"val/psnr_{t}") in metrics]
+        if curve:
+            fig, ax = plt.subplots(figsize=(4, 3))
+            ax.plot(range(1, len(curve) + 1), curve, "o-")
+            ax.set(xlabel="frame t", ylabel="PSNR_t (dB)", title=f"validation, step {trainer.global_step}")
+            ax.grid(alpha=0.3)
+            log_figure(trainer, fig, "val_psnr_per_frame", out_dir)
+        if self._sample is not None:
+            log_figure(trainer, self.sample_grid(*self._sample), "val_samples", out_dir)
+
+    def sample_grid(self, degraded: torch.Tensor, restored: torch.Tensor, clean: torch.Tensor):
+        t = clean.shape[0]
+        shown = sorted({round(i * (t - 1) / max(1, self.frames_shown - 1)) for i in range(self.frames_shown)})
+        if degraded.shape[-1] != clean.shape[-1]:  # sr: show the input at the output size
+            degraded = F.interpolate(degraded, size=clean.shape[-2:], mode="nearest")
+        fig, axes = plt.subplots(3, len(shown), figsize=(2.2 * len(shown), 6.6), squeeze=False)
+        for row, (name, clip) in enumerate((("degraded", degraded), ("restored", restored), ("clean", clean))):
+            for col, i in enumerate(shown):
+                image = clip[i].clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
+                axes[row][col].imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+                axes[row][col].set_xticks([]), axes[row][col].set_yticks([])
+                if col == 0:
+                    axes[row][col].set_ylabel(name)
+                if row == 0:
+                    axes[row][col].set_title(f"frame {i + 1}")
+        fig.tight_layout()
+        return fig

@@ -1,0 +1,169 @@
+"""The LightningModule: back-propagation through time over a clip, per-frame metrics.
+
+``VideoRestorationModule`` takes plain config values (no Hydra objects) and calls
+``save_hyperparameters()``, so ``VideoRestorationModule.load_from_checkpoint(path)``
+rebuilds the model anywhere. Weight normalisations (``norm``) are applied in
+``__init__``, before any state dict is loaded, so their buffers load with it.
+
+One training step unrolls the recurrent model over the whole clip (7 frames for
+Vimeo-90k) and back-propagates through time. The step runs under
+``torch.nn.utils.parametrize.cached()``: a normalised weight is computed once per
+optimisation step, not once per time step of the unroll.
+
+A non-finite loss is counted (``train/nonfinite_steps``) and its step skipped,
+so a run that meets a diverging batch keeps going and says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torchmetrics import MeanMetric
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from recstab.models import build_model
+
+LOSSES = ("mse", "l1", "charbonnier")
+
+
+def restoration_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(prediction, target)
+    if kind == "l1":
+        return F.l1_loss(prediction, target)
+    return torch.sqrt((prediction - target) ** 2 + 1e-6).mean()  # charbonnier
+
+
+class VideoRestorationModule(L.LightningModule):
+    """Train / evaluate one backbone × recurrence × task model.
+
+    Args:
+        backbone, recurrence, task, channels, in_channels, depth: see :func:`recstab.models.build_model`.
+        norm: keyword arguments of :func:`recstab.norms.apply_norm` (``{"kind": "srnc", "alpha": 2, ...}``);
+            ``None`` or kind ``none`` leaves the weights unconstrained.
+        frames: clip length T of the evaluation clips (the number of per-frame PSNR metrics).
+        loss: ``mse`` (the paper), ``l1`` or ``charbonnier``.
+        lr, betas, weight_decay: Adam.
+        lr_schedule: ``constant`` or ``cosine`` (cosine decay to 1 % over ``max_steps`` of the trainer).
+        dampening: feature dampening λ (appendix F) used at evaluation; training always uses 1.
+        refresh_iters: power iterations run on every normalised layer before validation and
+            testing (checkpoints are written right after validation, so they carry the refreshed
+            vectors): the spectral norm is exact when it is measured and saved (0: never).
+        lpips: also compute LPIPS on the last frame of the test clips (``test/lpips_7``).
+    """
+
+    def __init__(self, backbone: str = "vresnet", recurrence: str = "feat", task: str = "denoise",
+                 channels: int = 64, in_channels: int = 3, depth: int | None = None,
+                 norm: dict | None = None, frames: int = 7, loss: str = "mse", lr: float = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 lr_schedule: str = "constant", dampening: float = 1.0, refresh_iters: int = 20,
+                 lpips: bool = False):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(LOSSES)}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid: constant, cosine")
+        if frames < 1:
+            raise ValueError(f"clip length (frames) must be >= 1, got {frames}")
+        self.save_hyperparameters()
+        self.model = build_model(backbone, recurrence, task, channels, in_channels, depth)
+        self.norm = dict(norm or {"kind": "none"})
+        if self.norm.get("kind", "none") != "none":
+            from recstab.norms import apply_norm
+            apply_norm(self.model, **self.norm)
+        self.frame_psnr = torch.nn.ModuleDict({
+            split: torch.nn.ModuleList(MeanMetric() for _ in range(frames)) for split in ("val", "test")})
+        self.test_lpips = None
+        if lpips:
+            from recstab.metrics import make_lpips_metric
+            self.test_lpips = make_lpips_metric()
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int):
+        with parametrize.cached():
+            prediction = self.model(batch["input"])
+            loss = restoration_loss(self.hparams.loss, prediction, batch["target"])
+        if not torch.isfinite(loss):
+            self.nonfinite_steps += 1
+            self.log("train/nonfinite_steps", self.nonfinite_steps.float(), prog_bar=True)
+            return None  # Lightning skips the optimiser step
+        with torch.no_grad():
+            mse = F.mse_loss(prediction[:, -1].clamp(0, 1), batch["target"][:, -1])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/psnr_last", -10 * torch.log10(mse + 1e-12), prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                     weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else 1))
+        cosine = lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def on_validation_start(self) -> None:
+        self._refresh_norms()
+
+    def on_test_start(self) -> None:
+        self._refresh_norms()
+
+    def _refresh_norms(self) -> None:
+        if self.hparams.refresh_iters > 0 and self.norm.get("kind", "none") != "none":
+            from recstab.norms import refresh
+            refresh(self.model, iters=self.hparams.refresh_iters)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._evaluate("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        prediction = self._evaluate("test", batch)
+        if self.test_lpips is not None:
+            self.test_lpips.update(prediction[:, -1], batch["target"][:, -1])
+        return prediction
+
+    def _evaluate(self, split: str, batch: dict) -> torch.Tensor:
+        self.model.dampening = self.hparams.dampening
+        try:
+            prediction = self.model(batch["input"]).clamp(0, 1)
+        finally:
+            self.model.dampening = 1.0
+        target = batch["target"]
+        metrics = self.frame_psnr[split]
+        if target.shape[1] != len(metrics):
+            raise ValueError(f"{split} clips have {target.shape[1]} frames but the module was built "
+                             f"for frames={len(metrics)}; set module frames to the data's clip length")
+        for t, metric in enumerate(metrics):
+            psnr = peak_signal_noise_ratio(prediction[:, t], target[:, t], data_range=1.0,
+                                           reduction="none", dim=(1, 2, 3))
+            metric.update(psnr)
+        return prediction
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_frame_psnr("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_frame_psnr("test")
+        if self.test_lpips is not None:
+            self.log("test/lpips_7", self.test_lpips.compute())
+            self.test_lpips.reset()
+
+    def _log_frame_psnr(self, split: str) -> None:
+        values = []
+        for t, metric in enumerate(self.frame_psnr[split]):
+            value = metric.compute()
+            values.append(value)
+            self.log(f"{split}/psnr_{t + 1}", value)
+            metric.reset()
+        self.log(f"{split}/psnr_mean", torch.stack(values).mean(), prog_bar=split == "val")
