@@ -1,0 +1,1 @@
+"""Lightning pieces: the LightningModule, DataModules and callbacks."""

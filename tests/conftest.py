@@ -1,0 +1,18 @@
+"""Shared test setup: W&B disabled, a tiny CPU budget, the repository root."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT

@@ -1,0 +1,146 @@
+"""Models: Table 1 parameter counts, shapes, chunked == whole, bad input, Fig. 2 init."""
+
+import pytest
+import torch
+
+from recstab.models import RECURRENCES, StreamingNotSupported, build_model, count_parameters
+
+# Table 1 of the paper (64 channels, denoising); tolerance 2 %.
+TABLE1 = {
+    ("vdncnn", "frame"): 375e3, ("vresnet", "frame"): 375e3,
+    ("vresnet", "feat"): 557e3, ("vdncnn", "feat"): 741e3,
+    ("vdncnn", "rlsp"): 410e3, ("vresnet", "rlsp"): 410e3,
+}
+
+
+@pytest.mark.parametrize("backbone,recurrence", list(TABLE1))
+def test_parameter_counts_match_table1(backbone, recurrence):
+    n = count_parameters(build_model(backbone, recurrence, "denoise", channels=64))
+    assert abs(n - TABLE1[backbone, recurrence]) / TABLE1[backbone, recurrence] < 0.02, n
+
+
+def test_parameter_count_arithmetic():
+    # head 3->64 (1 792) + 10 convs 64->64 (36 928 each) + tail 64->3 (1 731)
+    assert count_parameters(build_model("vdncnn", "none", "denoise", 64)) == 1792 + 10 * 36928 + 1731
+    # RLSP widens the head by 64 input channels: +64*64*9
+    assert count_parameters(build_model("vresnet", "rlsp", "denoise", 64)) == 372803 + 36864
+
+
+@pytest.mark.parametrize("task,scale", [("denoise", 1), ("sr2", 2)])
+@pytest.mark.parametrize("recurrence", RECURRENCES)
+@pytest.mark.parametrize("backbone", ["vdncnn", "vresnet"])
+def test_output_shapes(backbone, recurrence, task, scale):
+    model = build_model(backbone, recurrence, task, channels=8)
+    x = torch.rand(2, 4, 3, 12, 16)
+    y = model(x)
+    assert y.shape == (2, 4, 3, 12 * scale, 16 * scale)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("task", ["denoise", "sr2"])
+@pytest.mark.parametrize("recurrence", [r for r in RECURRENCES if not r.startswith("birlsp")])
+@pytest.mark.parametrize("backbone", ["vdncnn", "vresnet"])
+def test_chunked_equals_whole(backbone, recurrence, task):
+    torch.manual_seed(0)
+    model = build_model(backbone, recurrence, task, channels=8).eval()
+    x = torch.rand(1, 9, 3, 10, 10)
+    with torch.no_grad():
+        whole = model(x)
+        state, chunks = None, []
+        for start, stop in [(0, 1), (1, 4), (4, 9)]:
+            y, state = model.process(x[:, start:stop], state)
+            chunks.append(y)
+    torch.testing.assert_close(torch.cat(chunks, 1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_multiframe_window_is_causal():
+    model = build_model("vresnet", "mf3", "denoise", channels=8).eval()
+    x = torch.rand(1, 6, 3, 8, 8)
+    x2 = x.clone()
+    x2[:, 4:] = torch.rand(1, 2, 3, 8, 8)  # change the future only
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, :4], model(x2)[:, :4])
+
+
+def test_bidirectional_refuses_streaming_but_sees_the_future():
+    model = build_model("vresnet", "birlsp", "denoise", channels=8).eval()
+    assert not model.streamable
+    x = torch.rand(1, 5, 3, 8, 8)
+    with pytest.raises(StreamingNotSupported, match="bidirectional"):
+        model.process(x)
+    x2 = x.clone()
+    x2[:, -1] = 0
+    with torch.no_grad():
+        assert not torch.allclose(model(x)[:, 0], model(x2)[:, 0])
+
+
+def test_shift_is_feedforward_with_finite_memory():
+    """Feature-shifting reaches back at most `depth` frames; feature-recurrence further."""
+    torch.manual_seed(0)
+    for recurrence, forgets in (("shift", True), ("feat", False)):
+        model = build_model("vdncnn", recurrence, "denoise", channels=8, depth=3).eval()
+        x = torch.rand(1, 8, 3, 16, 16)
+        x2 = x.clone()
+        x2[:, 0] = 1 - x2[:, 0]
+        with torch.no_grad():
+            same = torch.allclose(model(x)[:, -1], model(x2)[:, -1])
+        assert same == forgets, recurrence
+
+
+def test_dampening_zero_turns_recurrence_off():
+    model = build_model("vresnet", "rlsp", "denoise", channels=8).eval()
+    x = torch.rand(1, 4, 3, 8, 8)
+    x2 = x.clone()
+    x2[:, :3] = torch.rand(1, 3, 3, 8, 8)
+    model.dampening = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, -1], model(x2)[:, -1])
+        model.dampening = 1.0
+        assert not torch.allclose(model(x)[:, -1], model(x2)[:, -1])
+
+
+def test_recurrent_convs_and_lipschitz_bound():
+    unit = lambda conv: 1.0  # noqa: E731 — every conv at operator norm 1
+    assert build_model("vresnet", "none", "denoise", 8).recurrent_convs() == []
+    assert build_model("vresnet", "mf3", "denoise", 8).loop_lipschitz_bound(unit) == 0.0
+    feat = build_model("vdncnn", "feat", "denoise", 8)
+    assert len(feat.recurrent_convs()) == 10 and feat.loop_lipschitz_bound(unit) == 1.0
+    rlsp = build_model("vresnet", "rlsp", "denoise", 8)
+    assert len(rlsp.recurrent_convs()) == 11
+    assert rlsp.loop_lipschitz_bound(unit) == 2.0 ** 5  # head * (1 + 1*1)^5
+    frame = build_model("vdncnn", "frame", "denoise", 8)
+    half = lambda conv: 0.5  # noqa: E731
+    assert frame.loop_lipschitz_bound(half) == pytest.approx(0.5 ** 12)
+
+
+def test_he_init_makes_untrained_recurrent_models_diverge():
+    """Fig. 2: on random input, untrained VResNet frame/feat/rlsp diverge; feedforward stays bounded."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 40, 3, 24, 24)
+    growth = {}
+    for recurrence in ("none", "mf3", "shift", "feat", "frame", "rlsp"):
+        torch.manual_seed(1)
+        model = build_model("vresnet", recurrence, "denoise", channels=32).eval()
+        with torch.no_grad():
+            norms = model(x).flatten(2).norm(dim=2)[0]
+        growth[recurrence] = float(norms[-5:].mean() / norms[5:10].mean()) if torch.isfinite(norms).all() else float("inf")
+    for r in ("none", "mf3", "shift"):
+        assert growth[r] < 2, growth
+    for r in ("feat", "frame", "rlsp"):
+        assert growth[r] > 10, growth
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(backbone="unet"), "valid backbones: vdncnn, vresnet"),
+    (dict(recurrence="lstm"), "valid recurrences: none, mf3"),
+    (dict(task="sr4"), "valid tasks: denoise, sr2"),
+])
+def test_unknown_names_list_the_valid_choices(kwargs, match):
+    args = dict(backbone="vresnet", recurrence="feat", task="denoise", channels=8) | kwargs
+    with pytest.raises(ValueError, match=match):
+        build_model(**args)
+
+
+def test_wrong_input_shape_is_refused():
+    with pytest.raises(ValueError, match="B×T×3×H×W"):
+        build_model("vresnet", "feat", "denoise", 8)(torch.rand(2, 3, 8, 8))
