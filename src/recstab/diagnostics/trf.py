@@ -33,7 +33,9 @@ Measurements and their thresholds (all documented defaults, all arguments):
   Otherwise "bounded" (nothing unstable was found; reasonable, not certain,
   evidence of stability). Conditions 1 and 2 are checked at every iteration and
   stop the search early (``stopped_early``, ``reason``): the X found is then an
-  unstable sequence, a proof that the model is unstable.
+  unstable sequence, a proof that the model is unstable. Condition 3 is judged on
+  the final X (the search goes on: memory is what the optimisation reveals); the
+  iteration where it first held is reported as ``memory_unbounded_at``.
 
 A stable-but-slow model (e.g. h_t = 0.99·h_{t-1} + x_t) also fills an 81-frame
 window and is reported unbounded: the test cannot tell memory longer than τ from
@@ -76,6 +78,7 @@ class TRFResult:
     p_history: list = field(default_factory=list)   # |p| per iteration
     output_rms: np.ndarray = None   # (T,) RMS of each output frame
     seconds: float = 0.0
+    memory_unbounded_at: tuple | None = None  # (iteration, seconds) when x_-τ first drove p (criterion 3)
     threshold: float = THRESHOLD
     blowup: float = BLOWUP
 
@@ -96,6 +99,7 @@ class TRFResult:
             "influence": [float(v) for v in self.influence],
             "output_rms": [float(v) for v in self.output_rms],
             "threshold": self.threshold, "blowup": self.blowup, "seconds": self.seconds,
+            "memory_unbounded_at": self.memory_unbounded_at,
         }
 
     def figure(self, every: int = 5):
@@ -118,18 +122,19 @@ class TRFResult:
                 if row == 1:
                     ax.set_xlabel(f"{t:+d}" if t else "0", fontsize=8)
         ax = fig.add_subplot(grid[2, :])
-        ax.semilogy(self.times, np.maximum(self.influence, 1e-30), "b.-", label="influence ‖∂p/∂x_t‖² (rel.)")
+        shown = np.where(self.influence > 0, self.influence, np.nan)  # future frames of a causal model: 0
+        ax.semilogy(self.times, shown, "b.-", label="influence ‖∂p/∂x_t‖² (rel.)")
         ax.axhline(self.threshold, color="b", ls=":", lw=0.8)
         rms = np.where(np.isfinite(self.output_rms), self.output_rms, np.nan)
         ax2 = ax.twinx()
-        ax2.semilogy(self.times, np.maximum(rms, 1e-30), "r.-", label="RMS(y_t)")
+        ax2.semilogy(self.times, np.where(rms > 0, rms, np.nan), "r.-", label="RMS(y_t)")
         ax.set_xlim(-self.tau - 0.5, self.tau + 0.5)
         ax.set_xlabel("t")
         ax.set_ylabel("influence", color="b")
         ax2.set_ylabel("RMS(y_t)", color="r")
         early = " (stopped early)" if self.stopped_early else ""
-        fig.suptitle(f"TRF: {self.verdict}{early}, extent {self.extent}, "
-                     f"{self.iterations} iterations — {self.reason}", fontsize=9)
+        fig.suptitle(f"TRF: {self.verdict}{early}, extent {self.extent}, {self.iterations} iterations\n"
+                     f"{self.reason}", fontsize=9)
         return fig
 
     def save_png(self, path: str | Path, every: int = 5) -> Path:
@@ -203,7 +208,7 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     model.eval()
     start = time.perf_counter()
     p_history: list[float] = []
-    reason, stopped_early, grad, y = "", False, None, None
+    reason, stopped_early, grad, y, memory_at = "", False, None, None, None
     try:
         for it in range(iters):
             with parametrize.cached():
@@ -223,6 +228,10 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
             if not bool(torch.isfinite(grad).all()):
                 reason, stopped_early = f"non-finite gradient of p at iteration {it}", True
                 break
+            if memory_at is None:
+                energy = grad.detach().pow(2).flatten(2).sum(dim=(0, 2))
+                if float(energy[0]) > threshold * float(energy.max()):
+                    memory_at = (it, time.perf_counter() - start)
             peak = float(y.detach().abs().max())
             if peak > blowup:
                 where = int(y.detach().abs().flatten(2).amax(dim=(0, 2)).gt(blowup).nonzero()[0]) - tau
@@ -265,5 +274,6 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     return TRFResult(inputs=x.detach()[0].cpu(), outputs=out[0] if out.numel() else out,
                      influence=influence, verdict=verdict, extent=extent, reason=reason,
                      stopped_early=stopped_early, iterations=len(p_history), tau=tau,
-                     p_history=p_history, output_rms=rms, seconds=seconds, threshold=threshold,
+                     p_history=p_history, output_rms=rms, seconds=seconds, memory_unbounded_at=memory_at,
+                     threshold=threshold,
                      blowup=blowup)

@@ -56,7 +56,7 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
 class VideoDataModule(L.LightningDataModule):
     """Loaders and validation shared by the data modules; subclasses build the datasets."""
 
-    def __init__(self, batch_size: int, num_workers: int, frames: int, crop: int, channels: int,
+    def __init__(self, batch_size: int, num_workers: int, frames: int, crop: int, in_channels: int,
                  task: str, sigma: float, scale: int | None, seed: int, eval_batch_size: int | None):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("frames", frames), ("crop", crop)):
@@ -64,15 +64,15 @@ class VideoDataModule(L.LightningDataModule):
         _positive("eval_batch_size", eval_batch_size, allow_none=True)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}")
         self._scale = check_task(task, sigma, scale)
         if crop % self._scale:
             raise ValueError(f"crop={crop} must be divisible by the scale {self._scale} of task {task!r}")
         self._frames = frames
         self.batch_size, self.num_workers = batch_size, num_workers
         self.eval_batch_size = eval_batch_size or batch_size
-        self.common = dict(frames=frames, channels=channels, task=task, sigma=sigma, scale=scale, seed=seed)
+        self.common = dict(frames=frames, channels=in_channels, task=task, sigma=sigma, scale=scale, seed=seed)
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -131,11 +131,11 @@ class SyntheticDataModule(VideoDataModule):
     """
 
     def __init__(self, batch_size: int = 8, num_workers: int = 0, frames: int = 7, crop: int = 64,
-                 channels: int = 3, task: str = "denoise", sigma: float = 30.0, scale: int | None = None,
+                 in_channels: int = 3, task: str = "denoise", sigma: float = 30.0, scale: int | None = None,
                  seed: int = 0, train_length: int = 512, val_length: int = 64, test_length: int = 128,
                  eval_crop: int | None = None, eval_batch_size: int | None = None,
                  max_speed: float = 2.0):
-        super().__init__(batch_size, num_workers, frames, crop, channels, task, sigma, scale, seed,
+        super().__init__(batch_size, num_workers, frames, crop, in_channels, task, sigma, scale, seed,
                          eval_batch_size)
         self.save_hyperparameters()
         for name, value in (("train_length", train_length), ("val_length", val_length),
@@ -168,11 +168,11 @@ class Vimeo90kDataModule(VideoDataModule):
     """
 
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 4, frames: int = SEPTUPLET,
-                 crop: int = 64, channels: int = 3, task: str = "denoise", sigma: float = 30.0,
+                 crop: int = 64, in_channels: int = 3, task: str = "denoise", sigma: float = 30.0,
                  scale: int | None = None, seed: int = 0, max_sequences: int = 1024,
                  val_sequences: int = 256, train_sequences: int | None = None,
                  eval_batch_size: int | None = None):
-        super().__init__(batch_size, num_workers, frames, crop, channels, task, sigma, scale, seed,
+        super().__init__(batch_size, num_workers, frames, crop, in_channels, task, sigma, scale, seed,
                          eval_batch_size)
         self.save_hyperparameters()
         if frames > SEPTUPLET:

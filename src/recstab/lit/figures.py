@@ -43,7 +43,7 @@ class ValidationFigures(L.Callback):
         if batch_idx == 0 and isinstance(outputs, torch.Tensor):
             self._sample = tuple(t[0].detach().float().cpu() for t in (batch["input"], outputs, batch["target"]))
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):  # after the epoch-end metrics are logged
         if trainer.sanity_checking or trainer.global_rank != 0:
             return
         out_dir = Path(trainer.default_root_dir) / "figures"

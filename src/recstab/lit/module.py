@@ -77,10 +77,7 @@ class VideoRestorationModule(L.LightningModule):
             apply_norm(self.model, **self.norm)
         self.frame_psnr = torch.nn.ModuleDict({
             split: torch.nn.ModuleList(MeanMetric() for _ in range(frames)) for split in ("val", "test")})
-        self.test_lpips = None
-        if lpips:
-            from recstab.metrics import make_lpips_metric
-            self.test_lpips = make_lpips_metric()
+        self.test_lpips = None  # built in on_test_start: AlexNet stays out of checkpoints
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,6 +115,10 @@ class VideoRestorationModule(L.LightningModule):
 
     def on_test_start(self) -> None:
         self._refresh_norms()
+        if self.hparams.lpips and self.test_lpips is None:
+            from recstab.metrics import make_lpips_metric
+            # not registered as a submodule, so its frozen AlexNet never enters the state dict
+            object.__setattr__(self, "test_lpips", make_lpips_metric().to(self.device))
 
     def _refresh_norms(self) -> None:
         if self.hparams.refresh_iters > 0 and self.norm.get("kind", "none") != "none":

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _check(weight: torch.Tensor, n: int) -> None:
+def check_kernel(weight: torch.Tensor, n: int) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a 4-D conv kernel c_out×c_in×kh×kw, got {shape}")
@@ -76,7 +76,7 @@ def conv_singular_values(weight: torch.Tensor, n: int) -> torch.Tensor:
     Computed in the weight's precision (float64 in → float64 out) and detached.
     A 64-channel 3×3 layer at n = 64 takes well under a second on a laptop CPU.
     """
-    _check(weight, n)
+    check_kernel(weight, n)
     w = weight.detach()
     spectrum = torch.fft.rfft2(w, s=(n, n))                        # c_out × c_in × n × (n//2+1)
     per_freq = torch.linalg.svdvals(spectrum.permute(2, 3, 0, 1).contiguous())  # n × (n//2+1) × m
@@ -87,7 +87,7 @@ def conv_singular_values(weight: torch.Tensor, n: int) -> torch.Tensor:
 
 def spectral_norm_fft(weight: torch.Tensor, n: int) -> float:
     """‖W(K)‖₂ on an n×n map, exact (largest value of `conv_singular_values`)."""
-    _check(weight, n)
+    check_kernel(weight, n)
     spectrum = torch.fft.rfft2(weight.detach(), s=(n, n)).permute(2, 3, 0, 1).contiguous()
     return torch.linalg.svdvals(spectrum).max().item()
 
@@ -98,9 +98,31 @@ def stable_rank(weight: torch.Tensor, n: int) -> float:
     ‖W‖_F² = n²‖K‖_F² (each kernel entry appears once per output pixel), so only
     the spectral norm needs the FFT. It lies in [1, n²·min(c_out, c_in)].
     """
-    _check(weight, n)
+    check_kernel(weight, n)
     sigma = spectral_norm_fft(weight, n)
     return n * n * weight.detach().double().pow(2).sum().item() / sigma**2
+
+
+def top_right_singular_map(weight: torch.Tensor, n: int) -> torch.Tensor:
+    """A real unit top right-singular vector of W(K), as a 1×c_in×n×n map (exact, from the FFT).
+
+    A plane wave x[c, r, s] = b_c·exp(-2πi(p·r + q·s)/n) is mapped by the correlation to
+    exp(-2πi(p·r + q·s)/n)·(phase)·F(p, q)·b, so with b the top right singular vector of the
+    block F(p, q) that holds σ₁, ‖W x‖ = σ₁‖x‖. K is real, so the real and imaginary parts of
+    x are top singular vectors too (whichever is non-zero; both when (p, q) ≠ -(p, q)).
+    """
+    check_kernel(weight, n)
+    w = weight.detach()
+    spectrum = torch.fft.rfft2(w, s=(n, n)).permute(2, 3, 0, 1).contiguous()   # n × (n//2+1) × c_out × c_in
+    top = torch.linalg.svdvals(spectrum)[..., 0]
+    p, q = divmod(int(top.argmax()), top.shape[1])
+    _, _, vh = torch.linalg.svd(spectrum[p, q])
+    b = vh[0].conj()                                                            # F(p, q) b = σ₁ a
+    grid = torch.arange(n, device=w.device, dtype=w.dtype)
+    phase = torch.exp(-2j * torch.pi * (p * grid[:, None] + q * grid[None, :]) / n)
+    wave = b[:, None, None] * phase.to(b.dtype)                                 # c_in × n × n, complex
+    x = wave.real if wave.real.norm() >= wave.imag.norm() else wave.imag
+    return (x / x.norm()).unsqueeze(0).contiguous()
 
 
 def spectral_norm_power(weight: torch.Tensor, n: int, iters: int = 100,
@@ -111,7 +133,7 @@ def spectral_norm_power(weight: torch.Tensor, n: int, iters: int = 100,
     estimate converges slowly — roughly like 1/iters in relative error for
     large n; use `spectral_norm_fft` when you need the exact number.
     """
-    _check(weight, n)
+    check_kernel(weight, n)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
     w = weight.detach()

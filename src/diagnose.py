@@ -1,0 +1,131 @@
+"""Diagnose one model, or draw Figure 2: ``python src/diagnose.py [key=value ...]``.
+
+    python src/diagnose.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
+    python src/diagnose.py recurrence=feat norm=srnc norm.alpha=0.5 norm.beta=1.0
+    python src/diagnose.py experiment=fig2
+
+Root config: conf/diagnose.yaml. The report (TRF, long-video onset test, exact conv
+spectra, Lipschitz bound, verdict) is written to ``${hydra:runtime.output_dir}/report``
+and to W&B (offline unless WANDB_MODE says otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+log = logging.getLogger("diagnose")
+
+
+def pick_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def load_model(cfg: DictConfig):
+    """The nn.Module to diagnose: from ``ckpt_path``, or built untrained from the config groups."""
+    import torch
+
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+        from recstab.lit.module import VideoRestorationModule
+        module = VideoRestorationModule.load_from_checkpoint(str(path), map_location="cpu")
+        model = module.model
+        norm = dict(getattr(module, "norm", None) or {})
+        if cfg.get("dampening") is None and "dampening" in module.hparams:
+            model.dampening = float(module.hparams.dampening)
+    else:
+        from recstab.models import build_model
+        torch.manual_seed(int(cfg.seed))
+        m = cfg.model
+        model = build_model(m.backbone, cfg.recurrence.name, cfg.task.name, int(m.channels),
+                            int(m.get("in_channels", 3)), m.get("depth"))
+        norm = OmegaConf.to_container(cfg.norm, resolve=True) if cfg.get("norm") else {}
+        if norm.get("kind", "none") != "none":
+            from recstab.norms import apply_norm
+            apply_norm(model, **norm)
+    if norm.get("kind", "none") != "none":  # exact power-iteration vectors before measuring anything
+        from recstab.norms import refresh
+        refresh(model)
+    return model.to(pick_device(cfg.device)).eval()
+
+
+def run_report(cfg: DictConfig, out_dir: Path, run=None):
+    """Write the stability report of the configured model into ``out_dir``; return it."""
+    from recstab.data.long_video import LongVideo
+    from recstab.diagnostics import stability_report
+
+    model = load_model(cfg)
+    frames = None
+    if cfg.onsets.enabled:
+        lv = OmegaConf.to_container(cfg.long_video, resolve=True)
+        if lv.get("gray") is None:
+            lv["gray"] = int(getattr(model, "in_channels", 3)) == 1
+        frames = LongVideo(**lv)
+    onset_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.onsets, resolve=True).items() if k != "enabled"}
+    report = stability_report(
+        model, out_dir, clean_frames=frames, name=cfg.name, sigma=float(cfg.task.sigma) / 255,
+        task=getattr(model, "task", cfg.task.name), trf_kwargs=OmegaConf.to_container(cfg.trf, resolve=True),
+        onset_kwargs=onset_kwargs, spectra_n=int(cfg.spectra_n), burst=cfg.get("burst"),
+        overlap=int(cfg.get("overlap") or 0), dampening=cfg.get("dampening"), run=run)
+    log.info("verdict: %s (Lipschitz bound %s, TRF %s extent %d)", report.verdict, report.lipschitz_bound,
+             report.trf.verdict, report.trf.extent)
+    if report.onsets is not None:
+        log.info("onsets: %d on %d frames, deciles %s, %.1f fps", report.onsets.n_onsets, report.onsets.frames,
+                 report.onsets.deciles, report.onsets.fps)
+    log.info("report: %s", report.files["markdown"])
+    return report
+
+
+def run_fig2(cfg: DictConfig, out_dir: Path, run=None):
+    from recstab.diagnostics import figure2
+    f = OmegaConf.to_container(cfg.fig2, resolve=True)
+    result = figure2(out_dir / "fig2.png", connections=f["connections"], backbone=f["backbone"],
+                     channels=int(f["channels"]), depth=f.get("depth"), frames=int(f["frames"]),
+                     size=int(f["size"]), seed=int(f["seed"]), run=run)
+    log.info("figure 2: %s; diverged: %s", result.path,
+             ", ".join(k for k, v in result.diverged.items() if v) or "none")
+    return result
+
+
+def start_wandb(cfg: DictConfig, out_dir: Path):
+    if not cfg.wandb.enabled:
+        return None
+    os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; WANDB_MODE=online to sync
+    import wandb
+    return wandb.init(project=cfg.wandb.project, name=cfg.name, group=cfg.wandb.group,
+                      tags=list(cfg.wandb.tags or []), dir=str(out_dir), job_type=cfg.mode,
+                      config=OmegaConf.to_container(cfg, resolve=True))
+
+
+@hydra.main(config_path="../conf", config_name="diagnose", version_base="1.3")
+def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.mode not in ("report", "fig2"):
+        raise ValueError(f"mode must be report or fig2, got {cfg.mode!r}")
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    run = start_wandb(cfg, out_dir)
+    try:
+        if cfg.mode == "fig2":
+            run_fig2(cfg, out_dir, run)
+            return None
+        return run_report(cfg, out_dir / "report", run).verdict
+    finally:
+        if run is not None:
+            run.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The long-video instability-onset test (section 3.1, Table 2) and burst-by-burst processing (appendix E).
+
+The random-search half of the diagnosis: stream a long video through the model
+with its recurrent state carried from chunk to chunk, and watch every frame.
+
+    noisy_i = degrade(clean_i) with noise drawn from a generator seeded by (seed, i)
+    y_i, state = model.process(noisy_i, state)
+    PSNR_i = 10·log10(1 / mean((y_i - clean_i)²))        on the raw, unclamped y_i
+
+A frame is an *instability* when PSNR_i < 0 dB (the error is larger than the whole
+[0, 1] range: a clamped output can never get there, hence the raw output) or when
+y_i is not finite. Its *onset* is the number of frames processed since the last
+reset, the unstable frame included: a model that is fine for k-1 frames and
+breaks on its k-th has onset k. The state is then reset (``state=None``, the
+model's initial state) and counting starts again with the next frame. The 1st and
+9th deciles of the onsets (numpy's linear percentile) summarise a run; ∞
+(``math.inf``) when there was none.
+
+Why the chunk size cannot change the result: the noise of frame i depends only on
+(seed, i); ``process`` on a chunk equals ``process`` frame by frame; and when an
+instability is found inside a chunk, the frames after it are processed again from
+the reset state, exactly as a frame-by-frame run would.
+
+Memory is constant in the stream length: frames flow through a bounded queue
+filled by a decode-ahead thread (decoding, the degradation and its noise run there,
+ahead of the model); only 4 bytes of PSNR per frame are kept.
+
+Coping strategies of section 3.4 usable here (and in the report):
+
+- feature dampening (appendix F): ``dampening=λ`` sets ``model.dampening`` for the run;
+- burst-by-burst processing (appendix E): ``burst=B, overlap=O`` wraps the model in a
+  :class:`BurstProcessor` (reset every B frames; with overlap, bursts of B frames start
+  every B-O frames and each frame is taken from the oldest running burst).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+# ---------------------------------------------------------------------- burst-by-burst processing
+class BurstProcessor(nn.Module):
+    """Run a recurrent model burst by burst, resetting its state at every burst (appendix E).
+
+    Bursts of ``burst`` frames start every ``stride = burst - overlap`` frames, each
+    from the model's initial state; frame t is taken from the *oldest* burst that
+    covers it, so with an overlap every output after the first burst has seen at
+    least ``overlap`` frames of warm-up. ``overlap=0``: bursts 1-10, 11-20, ...
+    (the state is reset every 10 frames). ``burst=10, overlap=5``: bursts 1-10,
+    6-15, 11-20, ...; the output comes from the first on frames 1-10, 16-20, ...
+    and from the second on 11-15, 21-25, ... — the paper's two interleaved models.
+    The cost is ``burst / stride`` times the model's (×2 for overlap = burst/2).
+
+    ``process(x, state)`` has the model's streaming contract (chunked == whole),
+    ``forward(x)`` processes a clip from the start, so both the onset test and the
+    TRF can run on the wrapper.
+    """
+
+    def __init__(self, model: nn.Module, burst: int, overlap: int = 0):
+        super().__init__()
+        burst, overlap = int(burst), int(overlap)
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1 frame, got {burst}")
+        if not 0 <= overlap < burst:
+            raise ValueError(f"overlap must be in [0, burst) = [0, {burst}), got {overlap}")
+        if not callable(getattr(model, "process", None)) or not getattr(model, "streamable", True):
+            raise ValueError(f"burst processing needs a streamable model with process(x, state); "
+                             f"{type(model).__name__} is not")
+        self.model = model
+        self.burst, self.overlap = burst, overlap
+        self.stride = burst - overlap
+        self.runners = math.ceil(burst / self.stride)
+        self.period = self.runners * self.stride  # each runner restarts every `period` frames
+        self.in_channels = getattr(model, "in_channels", 3)
+        self.scale = getattr(model, "scale", 1)
+        self.task = getattr(model, "task", "denoise")
+        self.streamable = True
+
+    @property
+    def dampening(self):
+        return self.model.dampening
+
+    @dampening.setter
+    def dampening(self, value):
+        self.model.dampening = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.process(x)[0]
+
+    def process(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        state = {"t": 0, "states": [None] * self.runners} if state is None else state
+        t0, length = state["t"], x.shape[1]
+        new_states, outputs = [], []  # outputs[r]: {chunk index: frame}
+        for r in range(self.runners):
+            offset, st, frames = r * self.stride, state["states"][r], {}
+            i = max(0, offset - t0)
+            while i < length:
+                age = (t0 + i - offset) % self.period
+                if age == 0:
+                    st = None
+                if age >= self.burst:  # this runner's output is never used until its next restart
+                    i += self.period - age
+                    continue
+                j = min(length, i + self.burst - age)
+                y, st = self.model.process(x[:, i:j], st)
+                frames.update({i + k: y[:, k] for k in range(j - i)})
+                i = j
+            new_states.append(st)
+            outputs.append(frames)
+        chosen = []
+        for i in range(length):
+            ages = [((t0 + i - r * self.stride) % self.period, r) for r in range(self.runners)
+                    if t0 + i >= r * self.stride]
+            _, r = max((a, r) for a, r in ages if a < self.burst)
+            chosen.append(outputs[r][i])
+        return torch.stack(chosen, dim=1), {"t": t0 + length, "states": new_states}
+
+    def extra_repr(self) -> str:
+        return f"burst={self.burst}, overlap={self.overlap}"
+
+
+def burst_process(model: nn.Module, x: torch.Tensor, burst: int, overlap: int = 0) -> torch.Tensor:
+    """Process a whole clip x (B×T×C×H×W) burst by burst (see :class:`BurstProcessor`)."""
+    return BurstProcessor(model, burst, overlap)(x)
+
+
+# ---------------------------------------------------------------------- the onset test
+@dataclass
+class OnsetResult:
+    """What :func:`instability_onsets` measured."""
+
+    onsets: list                    # frames since the last reset, per instability (ints)
+    psnr: np.ndarray                # per-frame PSNR (float32, raw output; nan/-inf when not finite)
+    deciles: tuple                  # (1st, 9th) decile of the onsets; (inf, inf) when none
+    fps: float                      # frames per second of the whole test (decode, noise, model, PSNR)
+    model_fps: float                # frames per second counting the model's time only
+    frames: int                     # frames streamed
+    seconds: float
+    unstable_frames: list = field(default_factory=list)  # 0-based stream index of each instability
+    tail: int = 0                   # frames since the last reset when the stream ended (censored)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n_onsets(self) -> int:
+        return len(self.onsets)
+
+    @property
+    def diverged(self) -> bool:
+        return len(self.onsets) > 0
+
+    def to_dict(self) -> dict:
+        finite = self.psnr[np.isfinite(self.psnr)]
+        return {"onsets": [int(o) for o in self.onsets], "n_onsets": self.n_onsets,
+                "onset_d1": float(self.deciles[0]), "onset_d9": float(self.deciles[1]),
+                "fps": self.fps, "model_fps": self.model_fps, "frames": self.frames,
+                "seconds": self.seconds, "unstable_frames": [int(i) for i in self.unstable_frames],
+                "tail": self.tail, "psnr_median": float(np.median(finite)) if len(finite) else None,
+                "settings": self.settings}
+
+    def figure(self):
+        """PSNR per frame with the instabilities marked, as in the paper's Fig. 1."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 3))
+        shown = np.clip(np.nan_to_num(self.psnr, nan=-10.0, posinf=60.0, neginf=-10.0), -10, 60)
+        ax.plot(np.arange(len(shown)), shown, lw=0.6)
+        if self.unstable_frames:
+            ax.plot(self.unstable_frames, np.zeros(len(self.unstable_frames)), "r*", ms=8,
+                    label=f"{self.n_onsets} instabilities")
+            ax.legend(loc="lower right")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("frame")
+        ax.set_ylabel("PSNR (dB, raw output)")
+        d1, d9 = self.deciles
+        ax.set_title(f"onsets: 1st decile {d1:g}, 9th decile {d9:g}; {self.fps:.1f} fps", fontsize=9)
+        return fig
+
+    def save_png(self, path: str | Path) -> Path:
+        import matplotlib.pyplot as plt
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig = self.figure()
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+
+def deciles(onsets) -> tuple[float, float]:
+    """(1st, 9th) decile of the onsets (numpy linear percentile); (inf, inf) when there are none."""
+    if len(onsets) == 0:
+        return math.inf, math.inf
+    d1, d9 = np.percentile(np.asarray(onsets, dtype=np.float64), [10, 90])
+    return float(d1), float(d9)
+
+
+def _as_frame(frame, index: int) -> torch.Tensor:
+    """One clean frame -> float32 C×H×W tensor in [0, 1] (uint8 frames are divided by 255)."""
+    f = torch.as_tensor(frame)
+    if f.dim() != 3:
+        raise ValueError(f"clean frame {index} must be C×H×W, got shape {tuple(f.shape)}")
+    if f.dtype == torch.uint8:
+        return f.float().div_(255)
+    return f.float()
+
+
+class _Prefetcher:
+    """Decode-ahead thread: turns the frame iterable into (clean, degraded, first index) chunks."""
+
+    _END = object()
+
+    def __init__(self, frames, chunk: int, degrade, seed: int, make_generator, in_channels: int,
+                 scale: int, max_frames: int | None, depth: int):
+        self.frames, self.chunk, self.degrade, self.seed = frames, chunk, degrade, seed
+        self.make_generator, self.in_channels, self.scale = make_generator, in_channels, scale
+        self.max_frames = max_frames
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.decode_seconds = 0.0
+        self.thread = threading.Thread(target=self._run, name="onset-decode-ahead", daemon=True) \
+            if depth > 0 else None
+
+    def _chunks(self):
+        buf, start, shape = [], 0, None
+        iterator = iter(self.frames)
+        i = 0
+        while self.max_frames is None or i < self.max_frames:
+            t = time.perf_counter()
+            try:
+                raw = next(iterator)
+            except StopIteration:
+                break
+            f = _as_frame(raw, i)
+            if shape is None:
+                if f.shape[0] != self.in_channels:
+                    raise ValueError(f"clean frames have {f.shape[0]} channels, the model expects "
+                                     f"{self.in_channels}")
+                lo, hi = float(f.min()), float(f.max())
+                if lo < -1e-3 or hi > 1 + 1e-3:
+                    raise ValueError(f"clean frames must be in [0, 1], frame 0 spans [{lo:.3g}, {hi:.3g}]"
+                                     " (divide 8-bit frames by 255)")
+                shape = f.shape
+                h, w = shape[1] - shape[1] % self.scale, shape[2] - shape[2] % self.scale
+                if h == 0 or w == 0:
+                    raise ValueError(f"frames of {shape[1]}x{shape[2]} are too small for scale {self.scale}")
+            elif f.shape != shape:
+                raise ValueError(f"clean frame {i} has shape {tuple(f.shape)}, the stream started with "
+                                 f"{tuple(shape)}: resize or crop the video to one size")
+            buf.append(f[:, :h, :w])
+            i += 1
+            self.decode_seconds += time.perf_counter() - t
+            if len(buf) == self.chunk:
+                yield self._degrade(buf, start)
+                start, buf = i, []
+        if buf:
+            yield self._degrade(buf, start)
+
+    def _degrade(self, buf, start):
+        t = time.perf_counter()
+        clean = torch.stack(buf)
+        noisy = torch.stack([self.degrade(f, self.make_generator(self.seed, start + k))
+                             for k, f in enumerate(clean)])
+        self.decode_seconds += time.perf_counter() - t
+        return clean, noisy, start
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self):
+        try:
+            for item in self._chunks():
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as error:  # handed to the consumer, raised there
+            self._put(error)
+
+    def __iter__(self):
+        if self.thread is None:  # synchronous (depth 0)
+            yield from self._chunks()
+            return
+        self.thread.start()
+        try:
+            while True:
+                item = self.queue.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
+            self.thread.join(timeout=5)
+
+
+def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, *, chunk: int = 16,
+                       seed: int = 0, task: str | None = None, max_frames: int | None = None,
+                       burst: int | None = None, overlap: int = 0, dampening: float | None = None,
+                       prefetch: int = 4, device=None) -> OnsetResult:
+    """Stream clean frames through ``model.process`` and record the instability onsets.
+
+    Args:
+        model: a streamable model with ``process(x, state) -> (y, state)`` (x: 1×k×C×H×W).
+        clean_frames: any iterable of C×H×W frames in [0, 1] (tensors or arrays; uint8 is /255),
+            e.g. a :class:`recstab.data.long_video.LongVideo`.
+        sigma: noise std on the [0, 1] scale (30/255 in the paper).
+        chunk: frames per ``process`` call (does not change the result, only the speed).
+        seed: the noise of frame i is drawn from a generator seeded by (seed, i).
+        task: ``denoise`` or ``sr2`` (default ``model.task``, else denoise); sr2 downsamples ×2.
+        max_frames: stop after this many frames (None: the whole iterable).
+        burst, overlap: run burst by burst (appendix E, :class:`BurstProcessor`).
+        dampening: feature dampening λ for the run (appendix F); None keeps ``model.dampening``.
+        prefetch: chunks decoded ahead by the background thread (0: decode synchronously).
+        device: default the device of the model's parameters.
+    """
+    from recstab.data.degradations import Degradation, make_generator
+
+    if not 0 <= sigma <= 1:
+        raise ValueError(f"sigma is the noise std on the [0, 1] scale (e.g. 30/255), got {sigma}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 frame, got {chunk}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0 chunks, got {prefetch}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    task = task or getattr(model, "task", "denoise")
+    degrade = Degradation(task, sigma * 255.0)
+    runner = model
+    if burst is not None:
+        runner = BurstProcessor(model, burst, overlap)
+    elif overlap:
+        raise ValueError(f"overlap={overlap} needs burst=<frames per burst>")
+    elif not callable(getattr(model, "process", None)):
+        raise ValueError(f"{type(model).__name__} has no process(x, state) to stream with; "
+                         "pass burst=<frames> to run it burst by burst instead")
+    elif not getattr(model, "streamable", True):
+        raise ValueError(f"{type(model).__name__} is not streamable (bidirectional); "
+                         "the onset test needs a causal model or burst=<frames>")
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    in_channels = int(getattr(model, "in_channels", 3))
+
+    source = _Prefetcher(clean_frames, chunk, degrade, seed, make_generator, in_channels,
+                         degrade.scale, max_frames, prefetch)
+    old_dampening = getattr(model, "dampening", None)
+    if dampening is not None:
+        if old_dampening is None:
+            raise ValueError(f"dampening={dampening} asked but {type(model).__name__} has no "
+                             "`dampening` attribute (feature dampening of appendix F)")
+        model.dampening = float(dampening)
+    was_training = model.training
+    model.eval()
+    psnr_chunks, onsets, unstable = [], [], []
+    since, state, frames, model_seconds = 0, None, 0, 0.0
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), parametrize.cached():
+            for clean, noisy, first in source:
+                clean, noisy = clean.to(device, non_blocking=True), noisy.to(device, non_blocking=True)
+                k, i = clean.shape[0], 0
+                while i < k:
+                    t = time.perf_counter()
+                    y, new_state = runner.process(noisy[None, i:], state)
+                    sync()
+                    model_seconds += time.perf_counter() - t
+                    y = y[0]
+                    if y.shape != clean[i:].shape:
+                        raise ValueError(f"model output {tuple(y.shape)} does not match the clean frames "
+                                         f"{tuple(clean[i:].shape)}: is task={task!r} right?")
+                    mse = (y - clean[i:]).pow(2).flatten(1).mean(dim=1)
+                    psnr = -10 * torch.log10(mse)
+                    bad = (~torch.isfinite(y).flatten(1).all(dim=1)) | ~(psnr >= 0)
+                    psnr = psnr.float().cpu().numpy()
+                    hits = torch.nonzero(bad).flatten()
+                    if len(hits) == 0:
+                        psnr_chunks.append(psnr)
+                        since += k - i
+                        state, i = new_state, k
+                    else:
+                        j = int(hits[0])
+                        psnr_chunks.append(psnr[:j + 1])
+                        since += j + 1
+                        onsets.append(since)
+                        unstable.append(frames + i + j)
+                        since, state, i = 0, None, i + j + 1
+                frames += k
+    finally:
+        model.train(was_training)
+        if dampening is not None:
+            model.dampening = old_dampening
+    seconds = time.perf_counter() - start
+    psnr_all = np.concatenate(psnr_chunks).astype(np.float32) if psnr_chunks else np.zeros(0, np.float32)
+    settings = {"sigma": sigma, "task": task, "chunk": chunk, "seed": seed, "burst": burst,
+                "overlap": overlap, "dampening": getattr(model, "dampening", None) if dampening is None
+                else dampening, "prefetch": prefetch, "decode_seconds": source.decode_seconds,
+                "model_seconds": model_seconds}
+    return OnsetResult(onsets=onsets, psnr=psnr_all, deciles=deciles(onsets),
+                       fps=frames / seconds if seconds > 0 else math.inf,
+                       model_fps=frames / model_seconds if model_seconds > 0 else math.inf,
+                       frames=frames, seconds=seconds, unstable_frames=unstable, tail=since,
+                       settings=settings)

@@ -1,0 +1,27 @@
+"""The published baselines of Table 1, reachable with ``build_model(backbone=<name>)``.
+
+========== ========================================================== ============
+name       model                                                      parameters
+========== ========================================================== ============
+fastdvdnet FastDVDnet, two-stage U-Nets on a causal 5-frame window    2 477 476
+frvsr      FRVSR adapted to denoising: flow net + warped previous out 2 489 317
+dbdnet     Deep Burst Denoising: single-frame + feature-recurrent     964 712
+bm3d       per-frame CBM3D through the PyPI ``bm3d`` package          none
+========== ========================================================== ============
+
+(parameter counts for RGB, ``task="denoise"``; Table 1: 2.49M, 2.49M, 965k.)
+VNLB, the other non-learned method of Table 1, has no Python release and is not included.
+
+Every baseline has the recstab sequence API: ``model(x)``, ``model.process(x, state)``,
+``streamable``, ``is_recurrent``, ``dampening``, ``recurrent_convs()``,
+``loop_lipschitz_bound(conv_norm)``. Only ``task="denoise"`` is supported.
+"""
+
+from recstab.models.baselines.bm3d_baseline import BM3D
+from recstab.models.baselines.dbdnet import DBDNet
+from recstab.models.baselines.fastdvdnet import FastDVDnet
+from recstab.models.baselines.frvsr import FRVSR
+
+BASELINES = {"fastdvdnet": FastDVDnet, "frvsr": FRVSR, "dbdnet": DBDNet, "bm3d": BM3D}
+
+__all__ = ["BASELINES", "BM3D", "DBDNet", "FastDVDnet", "FRVSR"]

@@ -1,0 +1,13 @@
+"""Stability constraints (SN, SRN, SRN-C as torch parametrizations) and exact conv spectra."""
+
+from .apply import NORM_KINDS, apply_norm, bake, normalised_convs, refresh, remove_norm
+from .sn import PowerIterationNorm, SpectralNorm
+from .spectra import conv_singular_values, spectral_norm_fft, spectral_norm_power, stable_rank
+from .srn import StableRankNorm
+from .srnc import ConvStableRankNorm
+
+__all__ = [
+    "NORM_KINDS", "apply_norm", "bake", "refresh", "remove_norm", "normalised_convs",
+    "conv_singular_values", "stable_rank", "spectral_norm_fft", "spectral_norm_power",
+    "PowerIterationNorm", "SpectralNorm", "StableRankNorm", "ConvStableRankNorm",
+]

@@ -1,0 +1,163 @@
+"""The Table 1 baselines: size, shapes, the sequence API, streaming, dampening, BM3D."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from recstab.models import build_model, count_parameters
+from recstab.models.baselines import BASELINES, FastDVDnet
+from recstab.models.temporal import StreamingNotSupported
+
+LEARNED = ("fastdvdnet", "frvsr", "dbdnet")
+RECURRENT = ("frvsr", "dbdnet")
+TABLE1 = {"fastdvdnet": 2.49e6, "frvsr": 2.49e6, "dbdnet": 965e3}
+EXACT = {"fastdvdnet": 2_477_476, "frvsr": 2_489_317, "dbdnet": 964_712}  # the docstrings' arithmetic
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread is faster than two on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def clip(b=1, t=4, c=3, h=12, w=20, seed=0):
+    return torch.rand(b, t, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_parameter_count_matches_table1(name):
+    n = count_parameters(build_model(name, task="denoise"))
+    assert n == EXACT[name]
+    assert abs(n / TABLE1[name] - 1) < 0.05, f"{name}: {n} parameters vs Table 1's {TABLE1[name]:.0f}"
+
+
+@pytest.mark.parametrize("name", LEARNED)
+@pytest.mark.parametrize("channels", [3, 1])
+def test_shapes_and_backward(name, channels):
+    model = build_model(name, task="denoise", in_channels=channels)
+    x = clip(c=channels, t=2, h=13, w=18)  # sizes that are no multiple of the U-Net / FNet strides
+    y = model(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_chunked_equals_whole(name):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    x = clip(b=2, t=5)
+    with torch.no_grad():
+        whole = model(x)
+        parts, state = [], None
+        for chunk in (x[:, :1], x[:, 1:3], x[:, 3:]):
+            y, state = model.process(chunk, state)
+            parts.append(y)
+    assert model.streamable
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_causal(name):
+    """Frame t never depends on later frames."""
+    model = build_model(name).eval()
+    x = clip(t=4)
+    x2 = x.clone()
+    x2[:, 2:] = torch.rand_like(x2[:, 2:])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, :2], model(x2)[:, :2])
+
+
+def test_fastdvdnet_window_of_five():
+    """Causal: frame t sees exactly t-4..t; centred (the original): t-2..t+2, whole clips only."""
+    causal = FastDVDnet().eval()
+    x = clip(t=7, h=8, w=8)
+    x2 = x.clone()
+    x2[:, 1] = torch.rand_like(x2[:, 1])
+    with torch.no_grad():
+        d = (causal(x) - causal(x2)).abs().flatten(2).amax(-1).amax(0)
+    assert d[1:6].min() > 0 and d[0] == 0 and d[6] == 0  # frame 1 is seen by frames 1..5 only
+    assert not causal.is_recurrent and causal.recurrent_convs() == [] and causal.loop_lipschitz_bound(None) == 0
+
+    centred = FastDVDnet(causal=False).eval()
+    with torch.no_grad():
+        d = (centred(x) - centred(x2)).abs().flatten(2).amax(-1).amax(0)
+    assert d[:4].min() > 0 and d[4:].max() == 0  # frame 1 is seen by frames 0..3
+    assert not centred.streamable
+    with pytest.raises(StreamingNotSupported, match="causal=True"):
+        centred.process(x)
+
+
+def test_fastdvdnet_noise_map_and_train_mode():
+    """The optional noise map adds 810 parameters per block; BatchNorm batch statistics are
+    per time step, so chunked equals whole in training mode too."""
+    model = FastDVDnet(noise_sigma=30).train()
+    assert count_parameters(model) == EXACT["fastdvdnet"] + 2 * 810
+    x = clip(b=2, t=3, h=8, w=12)
+    with torch.no_grad():
+        whole = model(x)
+        first, state = model.process(x[:, :1])
+        rest, _ = model.process(x[:, 1:], state)
+    torch.testing.assert_close(torch.cat([first, rest], 1), whole)
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_recurrence_and_dampening(name):
+    """λ = 1: the past matters; λ = 0: every frame is processed as if it were the first."""
+    model = build_model(name).eval()
+    assert model.is_recurrent and model.dampening == 1.0
+    x = clip(t=3)
+    with torch.no_grad():
+        alone = model(x[:, 2:])[:, 0]
+        assert (model(x)[:, 2] - alone).abs().max() > 1e-4
+        model.dampening = 0.0
+        torch.testing.assert_close(model(x)[:, 2], alone)
+
+
+def test_stability_structure():
+    frvsr, dbdnet = build_model("frvsr"), build_model("dbdnet")
+    assert len(frvsr.recurrent_convs()) == 1 + 2 * 10 + 1
+    assert frvsr.loop_lipschitz_bound(lambda conv: 0.5) == math.inf  # warping: no bound derived
+    assert len(dbdnet.recurrent_convs()) == 8
+    assert all(isinstance(c, torch.nn.Conv2d) for c in frvsr.recurrent_convs() + dbdnet.recurrent_convs())
+    dbdnet.dampening = 0.5
+    assert dbdnet.loop_lipschitz_bound(lambda conv: 0.8) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_bad_task_and_input(name):
+    with pytest.raises(ValueError, match="sr2"):
+        build_model(name, task="sr2")
+    model = build_model(name)
+    with pytest.raises(ValueError, match=r"B×T×3×H×W"):
+        model(torch.rand(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_model_configs(repo_root, name):
+    cfg = OmegaConf.load(repo_root / "conf" / "model" / f"{name}.yaml")
+    assert cfg.backbone == name
+    model = build_model(cfg.backbone, task="denoise", channels=cfg.channels,
+                        in_channels=cfg.in_channels, depth=cfg.depth)
+    assert isinstance(model, BASELINES[name])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bm3d") is None,
+                    reason="the PyPI package 'bm3d' is not installed (pip install 'recstab[baselines]')")
+def test_bm3d_improves_psnr():
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
+    clean = torch.stack([0.5 + 0.3 * torch.sin(6 * xx), 0.5 + 0.3 * torch.cos(5 * yy), 0.3 + 0.4 * xx * yy])
+    clean = clean[None, None]  # 1×1×3×32×32
+    noisy = clean + 30 / 255 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    model = build_model("bm3d")
+    assert count_parameters(model) == 0 and not model.is_recurrent and model.streamable
+    denoised = model(noisy)
+    assert denoised.shape == noisy.shape and denoised.dtype == noisy.dtype
+    psnr = lambda a: float(-10 * torch.log10(((a - clean) ** 2).mean()))  # noqa: E731
+    assert psnr(denoised) > psnr(noisy) + 5, (psnr(noisy), psnr(denoised))
