@@ -246,7 +246,7 @@ def count_calls(norm, method):
 def test_cached_unroll_runs_the_power_iteration_once_per_step():
     model = apply_norm(TinyRecurrent(), "srnc", alpha=1.0, n=8)
     norm = model.loop[1].parametrizations.weight[0]
-    iterations, normalisations = count_calls(norm, "power_iteration"), count_calls(norm, "normalise")
+    iterations, normalisations = count_calls(norm, "advance"), count_calls(norm, "normalise")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(2, 7, 3, 8, 8)
     for step in range(1, 3):
@@ -263,10 +263,39 @@ def test_cached_unroll_runs_the_power_iteration_once_per_step():
     assert len(normalisations) == 7 and len(iterations) == 1
 
 
+def test_a_training_step_advances_u_by_one_exact_power_iteration_step():
+    conv = apply_norm(he_conv(4, seed=17, dtype=torch.float64), "srnc", alpha=1.0, beta=0.5, n=8)
+    norm = conv.parametrizations.weight[0]
+    kernel = conv.parametrizations.weight.original
+    with torch.no_grad():
+        kernel.mul_(1.01)  # a new kernel: the next training access advances u
+    u = norm.u.clone()
+    weight = conv.weight
+    with torch.no_grad():
+        v = conv_circular_t(u, kernel)
+        expected = conv_circular(v / v.norm(), kernel)
+    assert torch.allclose(norm.u, expected / expected.norm(), atol=1e-12)
+    conv.eval()
+    assert not torch.equal(conv.weight, weight)  # eval: normalise(K; u) with the advanced u
+    conv.train()
+    with torch.no_grad():
+        norm.u.copy_(u)
+    assert torch.allclose(conv.eval().weight, weight, atol=0)  # the training weight was normalise(K; u_old)
+
+
+def test_autocast_does_not_lower_the_precision_of_the_normalisation():
+    conv = apply_norm(he_conv(8, seed=18), "srnc", alpha=1.0, beta=0.5, n=8)
+    expected = conv.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weight = conv.weight
+        conv(torch.rand(1, 8, 8, 8))
+    assert weight.dtype == torch.float32 and torch.equal(weight, expected)
+
+
 def test_fused_optimiser_updates_are_seen():
     model = apply_norm(TinyRecurrent(), "srnc", alpha=1.0, n=8)
     norm = model.loop[1].parametrizations.weight[0]
-    iterations = count_calls(norm, "power_iteration")
+    iterations = count_calls(norm, "advance")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)  # no version-counter bumps
     model(torch.rand(1, 2, 3, 8, 8)).pow(2).mean().backward()
     optimizer.step()
@@ -284,7 +313,7 @@ def test_fused_optimiser_updates_are_seen():
 def test_eval_computes_the_weight_once_and_notices_changes():
     model = apply_norm(TinyRecurrent(), "srnc", alpha=1.0, beta=0.5, n=8).eval()
     norm = model.loop[0].parametrizations.weight[0]
-    normalisations, iterations = count_calls(norm, "normalise"), count_calls(norm, "power_iteration")
+    normalisations, iterations = count_calls(norm, "normalise"), count_calls(norm, "advance")
     x = torch.rand(1, 7, 3, 8, 8)
     y = model(x)
     for _ in range(3):

@@ -19,7 +19,9 @@ model's initial state) and counting starts again with the next frame. The 1st an
 Why the chunk size cannot change the result: the noise of frame i depends only on
 (seed, i); ``process`` on a chunk equals ``process`` frame by frame; and when an
 instability is found inside a chunk, the frames after it are processed again from
-the reset state, exactly as a frame-by-frame run would.
+the reset state, exactly as a frame-by-frame run would. After a reset the model is
+fed 1, 2, 4, … frames at a time up to ``chunk`` (so a model that fails on every frame
+costs one pass, not chunk/2 passes).
 
 Memory is constant in the stream length: frames flow through a bounded queue
 filled by a decode-ahead thread (decoding, the degradation and its noise run there,
@@ -371,7 +373,7 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
     was_training = model.training
     model.eval()
     psnr_chunks, onsets, unstable = [], [], []
-    since, state, frames, model_seconds = 0, None, 0, 0.0
+    since, state, frames, model_seconds, step = 0, None, 0, 0.0, chunk
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     start = time.perf_counter()
     try:
@@ -380,30 +382,30 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
                 clean, noisy = clean.to(device, non_blocking=True), noisy.to(device, non_blocking=True)
                 k, i = clean.shape[0], 0
                 while i < k:
+                    e = min(k, i + step)
                     t = time.perf_counter()
-                    y, new_state = runner.process(noisy[None, i:], state)
+                    y, new_state = runner.process(noisy[None, i:e], state)
                     sync()
                     model_seconds += time.perf_counter() - t
-                    y = y[0]
-                    if y.shape != clean[i:].shape:
+                    y, target = y[0], clean[i:e]
+                    if y.shape != target.shape:
                         raise ValueError(f"model output {tuple(y.shape)} does not match the clean frames "
-                                         f"{tuple(clean[i:].shape)}: is task={task!r} right?")
-                    mse = (y - clean[i:]).pow(2).flatten(1).mean(dim=1)
-                    psnr = -10 * torch.log10(mse)
+                                         f"{tuple(target.shape)}: is task={task!r} right?")
+                    psnr = -10 * torch.log10((y - target).pow(2).flatten(1).mean(dim=1))
                     bad = (~torch.isfinite(y).flatten(1).all(dim=1)) | ~(psnr >= 0)
                     psnr = psnr.float().cpu().numpy()
                     hits = torch.nonzero(bad).flatten()
                     if len(hits) == 0:
                         psnr_chunks.append(psnr)
-                        since += k - i
-                        state, i = new_state, k
+                        since += e - i
+                        state, i, step = new_state, e, min(2 * step, chunk)
                     else:
                         j = int(hits[0])
                         psnr_chunks.append(psnr[:j + 1])
                         since += j + 1
                         onsets.append(since)
                         unstable.append(frames + i + j)
-                        since, state, i = 0, None, i + j + 1
+                        since, state, i, step = 0, None, i + j + 1, 1
                 frames += k
     finally:
         model.train(was_training)

@@ -6,11 +6,13 @@
 3. fit (resuming from ``ckpt_path``, or with ``resume=true`` from the newest
    ``last.ckpt`` of an earlier run of the same ``task_name``), then test the best
    checkpoint;
-4. finish the W&B run and return the final metrics (a sweep's objective).
+4. finish the W&B run, write the final metrics to ``<run dir>/metrics.json`` (what
+   ``src/report.py`` collects) and return them (a sweep's objective).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -91,5 +93,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     finally:
         finish_wandb()
-    log.info("outputs in %s", cfg.paths.output_dir)
+    out = Path(cfg.paths.output_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("outputs in %s (final metrics in metrics.json)", out)
     return metrics

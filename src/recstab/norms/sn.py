@@ -18,12 +18,16 @@ W(K) itself.
 This module also holds `PowerIterationNorm`, the life cycle shared by the three
 parametrizations (SN is its minimal instance):
 
-- train mode: each call advances the power iteration — but only when the kernel
-  has changed since the last advance (compared by value, so fused optimisers,
-  which do not bump tensor versions, are handled) — then returns the normalised
-  weight with gradient. Under `torch.nn.utils.parametrize.cached()` one call
-  serves a whole BPTT unroll; without it every access re-normalises (slow but
-  still one power-iteration step per optimisation step).
+- the normalised weight is always normalise(K; u), a pure function of the kernel
+  and the buffer u.
+- train mode: each call returns normalise(K; u) with gradient, then advances u by
+  `power_iters` power-iteration steps on K — but only when K has changed since the
+  last advance (compared by value, so fused optimisers, which do not bump tensor
+  versions, are handled). u therefore lags the kernel by one optimisation step,
+  which lets SRN-C reuse the conv it already computed (3 instead of 4 convs per
+  step). Under `torch.nn.utils.parametrize.cached()` one call serves a whole BPTT
+  unroll; without it every access re-normalises (slow, but still one
+  power-iteration step per optimisation step).
 - eval mode: the normalised weight is a constant — computed once under no_grad,
   cached, and recomputed only when the kernel or u changes (load_state_dict,
   refresh, `.to()`). The power iteration never advances in eval, so the eval
@@ -90,6 +94,10 @@ class PowerIterationNorm(nn.Module):
     def power_iteration(self, weight: torch.Tensor, iters: int) -> None:
         raise NotImplementedError
 
+    def advance(self, weight: torch.Tensor) -> None:
+        """An optimisation step's power iteration, run right after `normalise` on the same kernel."""
+        self.power_iteration(weight, self.power_iters)
+
     def exact_vectors(self, weight: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -102,11 +110,12 @@ class PowerIterationNorm(nn.Module):
             if not self.training:
                 return self.frozen(weight)
             self._frozen = None
+            out = self.normalise(weight)
             if not _same(self._seen, weight):
                 with torch.no_grad():
-                    self.power_iteration(weight.detach(), self.power_iters)
+                    self.advance(weight.detach())
                 self._seen = weight.detach().clone()
-            return self.normalise(weight)
+            return out
 
     def frozen(self, weight: torch.Tensor) -> torch.Tensor:
         """The normalised weight for the current (kernel, u), as a cached constant; u does not move."""

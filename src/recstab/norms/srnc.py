@@ -72,7 +72,8 @@ training u follows the kernel with `power_iters` steps per optimisation step.
 
 u's shape depends on n: a checkpoint made with one n only loads into a model
 normalised with the same n. Cost per optimisation step and layer: 2·power_iters
-+ 2 convolutions of one c×n×n map (the training step runs 3·B·T of them).
++ 1 convolutions of one c×n×n map — v = Wᵀu for σ and G, the weight gradient G,
+then u ← Wv reusing that v — against 3·B·T maps for the training step itself.
 """
 
 import torch
@@ -99,6 +100,7 @@ class ConvStableRankNorm(PowerIterationNorm):
         check_kernel(weight, n)
         self.beta = check_beta(beta)
         self.n = n
+        self._v: tuple | None = None  # (u key, v = Wᵀu/‖Wᵀu‖) from the last `direction`
         u = torch.randn(1, weight.shape[0], n, n, dtype=weight.dtype, device=weight.device)
         self.register_buffer("u", _unit(u))
         self.refresh(weight, INIT_ITERS, exact=False)
@@ -114,11 +116,21 @@ class ConvStableRankNorm(PowerIterationNorm):
         v = top_right_singular_map(weight, self.n)
         self.u.copy_(_unit(conv_circular(v, weight)))
 
+    def advance(self, weight: torch.Tensor) -> None:
+        """u ← W v/‖W v‖ with the v that `normalise` just computed, then power_iters − 1 full steps."""
+        stash, self._v = self._v, None
+        v = stash[1] if stash is not None and stash[0] == (self.u._version, self.u.data_ptr()) \
+            else _unit(conv_circular_t(self.u, weight))
+        self.u.copy_(_unit(conv_circular(v, weight)))
+        if self.power_iters > 1:
+            self.power_iteration(weight, self.power_iters - 1)
+
     def direction(self, weight: torch.Tensor) -> torch.Tensor:
         """G = ∇_K uᵀW(K)v for the current u (v = Wᵀu/‖Wᵀu‖), a constant; σ = ⟨K, G⟩."""
         with torch.no_grad():
             w = weight.detach()
             v = _unit(conv_circular_t(self.u, w))
+            self._v = ((self.u._version, self.u.data_ptr()), v)  # for `advance`, one conv saved
             padded = F.pad(v, circular_pads(*w.shape[-2:]), mode="circular")
             return conv2d_weight(padded, w.shape, self.u)
 
