@@ -1,14 +1,17 @@
 """Training-step cost of SN, SRN and SRN-C against no normalisation, side by side.
 
-    .venv/bin/python benchmarks/bench_norms.py            # ~3-4 min on a 2-core CPU
-    .venv/bin/python benchmarks/bench_norms.py --steps 5  # more timed steps per kind
+    .venv/bin/python benchmarks/bench_norms.py              # ~3 min on this 2-core CPU
+    .venv/bin/python benchmarks/bench_norms.py --steps 5    # more timed steps per kind
+    .venv/bin/python benchmarks/bench_norms.py --threads 2  # wall-clock on an idle machine
 
 One training step = forward + backward + Adam over a BPTT unroll of 7 frames,
 under `torch.nn.utils.parametrize.cached()` (one normalisation per step), batch
 8 × 7 frames × 3 × 64 × 64, VResNet-feat with 64 channels (`build_model`; a
 12-conv stand-in if the model zoo is missing). The four kinds train identical
 copies and are timed round-robin (a steady drift of the machine hits all of
-them alike); one warm-up step each is excluded, and the median is reported.
+them alike); one warm-up step each is excluded. By default torch runs one
+thread and the process's CPU time is reported (median): on a CPU shared with
+other jobs, wall time varied 5x between identical steps, CPU time does not.
 
 Because the normalisation is a small part of the step, the step-time ratio is
 within the noise of a shared CPU; the table also gives the isolated cost of the
@@ -74,13 +77,14 @@ def make_model():
 
 
 def train_step(model, optimizer, x, y):
-    start = time.perf_counter()
+    """(wall seconds, CPU seconds of this process) of one training step."""
+    wall, cpu = time.perf_counter(), time.process_time()
     with parametrize.cached():
         loss = (model(x) - y).pow(2).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def normalisation_cost(model, repeats=3):
@@ -92,20 +96,23 @@ def normalisation_cost(model, repeats=3):
     for _ in range(repeats):
         for _, conv, norm in convs:
             norm._seen = None  # force the power-iteration step, as after an optimiser step
-        start = time.perf_counter()
+        start = time.process_time()
         total = sum(conv.weight.sum() for _, conv, _ in convs)
         total.backward()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     model.zero_grad(set_to_none=True)
     return statistics.median(times)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per kind (after 1 warm-up)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per kind (after 1 warm-up)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 makes CPU time immune to other processes on a shared machine")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "norms.md"))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base, name = make_model()
     models, optimizers = {}, {}
@@ -116,14 +123,16 @@ def main():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     bench_start = time.perf_counter()
 
-    times = {kind: [] for kind in KINDS}
+    walls, cpus = {kind: [] for kind in KINDS}, {kind: [] for kind in KINDS}
     for round_ in range(args.steps + 1):
         for kind in KINDS:
-            elapsed = train_step(models[kind], optimizers[kind], x, y)
+            wall, cpu = train_step(models[kind], optimizers[kind], x, y)
             if round_ > 0:
-                times[kind].append(elapsed)
-            print(f"round {round_} {kind:5s} {elapsed:7.2f} s", flush=True)
-    step = {kind: statistics.median(t) for kind, t in times.items()}
+                walls[kind].append(wall)
+                cpus[kind].append(cpu)
+            print(f"round {round_} {kind:5s} wall {wall:7.2f} s  cpu {cpu:7.2f} s", flush=True)
+    cpu = {kind: statistics.median(t) for kind, t in cpus.items()}
+    wall = {kind: min(t) for kind, t in walls.items()}
     isolated = {kind: normalisation_cost(models[kind]) for kind in KINDS}
 
     layer = nn.Conv2d(64, 64, 3)
@@ -139,18 +148,21 @@ def main():
     lines = [
         f"# Normalisation cost ({name}, 64 channels, batch 8 × 7 frames × 64², BPTT under parametrize.cached())",
         "",
-        f"`.venv/bin/python benchmarks/bench_norms.py --steps {args.steps}` — {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, load average {load:.1f} at start "
-        f"(shared machine), {time.strftime('%Y-%m-%d %H:%M')}; median of {args.steps} steps after 1 warm-up, "
-        "kinds timed round-robin.",
+        f"`.venv/bin/python benchmarks/bench_norms.py --steps {args.steps} --threads {args.threads}` — "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs (load average "
+        f"{load:.1f} at start), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}. {args.steps} timed steps per kind after 1 warm-up, kinds round-robin. "
+        "CPU time (of this single-threaded process) is the robust measure on a shared machine; "
+        "wall time is the best of the steps.",
         "",
-        "| kind | settings | step time (s) | step / none | normalisation alone (s) | normalisation / none step |",
-        "|---|---|---|---|---|---|",
+        "| kind | settings | step CPU time (s) | step / none (CPU) | step / none (best wall) "
+        "| normalisation alone (CPU s) | 1 + normalisation / none step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for kind, kwargs in KINDS.items():
         settings = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "kind") or "-"
-        lines.append(f"| {kind} | {settings} | {step[kind]:.2f} | {step[kind] / step['none']:.3f} | "
-                     f"{isolated[kind]:.3f} | {1 + isolated[kind] / step['none']:.3f} |")
+        lines.append(f"| {kind} | {settings} | {cpu[kind]:.2f} | {cpu[kind] / cpu['none']:.3f} | "
+                     f"{wall[kind] / wall['none']:.3f} | {isolated[kind]:.3f} | {1 + isolated[kind] / cpu['none']:.3f} |")
     lines += [
         "",
         f"- exact spectrum of one 64-channel 3×3 layer at n = 64 (FFT + batched SVD): "

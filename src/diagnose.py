@@ -63,16 +63,14 @@ def load_model(cfg: DictConfig):
 
 def run_report(cfg: DictConfig, out_dir: Path, run=None):
     """Write the stability report of the configured model into ``out_dir``; return it."""
-    from recstab.data.long_video import LongVideo
     from recstab.diagnostics import stability_report
 
     model = load_model(cfg)
     frames = None
     if cfg.onsets.enabled:
-        lv = OmegaConf.to_container(cfg.long_video, resolve=True)
-        if lv.get("gray") is None:
-            lv["gray"] = int(getattr(model, "in_channels", 3)) == 1
-        frames = LongVideo(**lv)
+        gray = cfg.data.get("gray")
+        gray = int(getattr(model, "in_channels", 3)) == 1 if gray is None else gray
+        frames = hydra.utils.instantiate(cfg.data, gray=gray)
     onset_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.onsets, resolve=True).items() if k != "enabled"}
     report = stability_report(
         model, out_dir, clean_frames=frames, name=cfg.name, sigma=float(cfg.task.sigma) / 255,

@@ -333,6 +333,7 @@ def two_videos_dir(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_diagnose_fig2_runs_as_a_subprocess(tmp_path, repo_root):
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(repo_root / "src" / "diagnose.py"), "experiment=fig2",
@@ -360,7 +361,7 @@ def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, tw
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     small = ["model.channels=4", "trf.frames=11", "trf.size=8", "trf.iters=2", "onsets.max_frames=6",
-             f"long_video.paths_or_folder={two_videos_dir}", "long_video.loop_to=null", "spectra_n=8",
+             f"data.paths_or_folder={two_videos_dir}", "data.loop_to=null", "spectra_n=8",
              "wandb.enabled=false", f"paths.log_dir={tmp_path}"]
     report = cli.run_report(_compose(repo_root, small + ["norm=srnc", "norm.alpha=0.5", "norm.beta=1.0",
                                                          "norm.n=8"]), tmp_path / "cfg")

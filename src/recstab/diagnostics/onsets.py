@@ -355,8 +355,8 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
         raise ValueError(f"{type(model).__name__} has no process(x, state) to stream with; "
                          "pass burst=<frames> to run it burst by burst instead")
     elif not getattr(model, "streamable", True):
-        raise ValueError(f"{type(model).__name__} is not streamable (bidirectional); "
-                         "the onset test needs a causal model or burst=<frames>")
+        raise ValueError(f"{type(model).__name__} is not streamable (bidirectional): the onset test "
+                         "streams frames and needs a causal model with process(x, state)")
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -391,8 +391,10 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
                     if y.shape != target.shape:
                         raise ValueError(f"model output {tuple(y.shape)} does not match the clean frames "
                                          f"{tuple(target.shape)}: is task={task!r} right?")
-                    psnr = -10 * torch.log10((y - target).pow(2).flatten(1).mean(dim=1))
-                    bad = (~torch.isfinite(y).flatten(1).all(dim=1)) | ~(psnr >= 0)
+                    psnr = -10 * torch.log10((y - target).square_().flatten(1).mean(dim=1))
+                    # a non-finite output (or one whose squared error overflows) gives a nan / -inf
+                    # PSNR, so one comparison flags both kinds of instability
+                    bad = ~(psnr >= 0)
                     psnr = psnr.float().cpu().numpy()
                     hits = torch.nonzero(bad).flatten()
                     if len(hits) == 0:

@@ -245,7 +245,7 @@ def markdown(report: StabilityReport) -> str:
               f"| TRF verdict | {t.verdict}{' (stopped early)' if t.stopped_early else ''} |",
               f"| TRF extent (frames) | {t.extent} of {t.tau + 1} |",
               f"| TRF iterations | {t.iterations} ({t.seconds:.1f} s) |",
-              f"| TRF reason | {t.reason} |"]
+              f"| TRF reason | {t.reason.replace('|', chr(92) + '|')} |"]
     if o is not None:
         lines += [f"| onset test: frames | {o.frames} |",
                   f"| onset test: instabilities | {o.n_onsets} |",

@@ -215,6 +215,7 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     reason, stopped_early, grad, y, memory_at = "", False, None, None, None
     try:
         for it in range(iters):
+            grad = None  # the influence is always measured at the X of the last forward pass
             with parametrize.cached():
                 y = model(x)
             if y.dim() != 5 or y.shape[1] != frames:

@@ -68,6 +68,10 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    if not isinstance(datamodule, L.LightningDataModule):
+        raise ValueError(f"data={cfg.data._target_} is not a training dataset (a LightningDataModule); "
+                         "train with data=synthetic or data=vimeo90k — data=long_video is the stream of "
+                         "src/diagnose.py and of callbacks.onset_test")
     module: L.LightningModule = hydra.utils.instantiate(cfg.module, _convert_="all")
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
@@ -91,6 +95,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
                 best = cfg.get("ckpt_path") or ""
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        for callback in callbacks:  # diagnostics that ran outside the logged metrics (TRF, onsets)
+            metrics.update(getattr(callback, "summary", dict)())
     finally:
         finish_wandb()
     out = Path(cfg.paths.output_dir)

@@ -103,6 +103,14 @@ class TRFMonitor(L.Callback):
         else:
             log.info("TRF at step %d: %s, extent %d (%s)", step, result.verdict, result.extent, path)
 
+    def summary(self) -> dict:
+        """Final values for the run's metrics.json (the latest TRF)."""
+        if not self.history:
+            return {}
+        step, verdict, extent = self.history[-1]
+        return {"stability/trf_verdict": verdict, "stability/trf_extent": extent, "stability/trf_step": step,
+                "stability/trf_ever_unbounded": any(v == "unbounded" for _, v, _ in self.history)}
+
     def state_dict(self) -> dict:
         return {"val_epochs": self.val_epochs, "history": self.history}
 
@@ -135,6 +143,14 @@ class OnsetTest(L.Callback):
                            prefetch=prefetch)
         self.enabled = bool(enabled)
         self.result = None
+
+    def summary(self) -> dict:
+        """Final values for the run's metrics.json."""
+        if self.result is None:
+            return {}
+        d1, d9 = self.result.deciles
+        return {"long/onset_d1": d1, "long/onset_d9": d9, "long/n_onsets": self.result.n_onsets,
+                "long/frames": self.result.frames, "long/fps": self.result.fps}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.global_rank != 0:

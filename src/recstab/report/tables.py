@@ -1,0 +1,375 @@
+"""Build a paper table from finished runs: our numbers beside the paper's.
+
+A sweep file ``sweeps/<name>.yaml`` holds, next to its Hydra sweep, a ``paper:`` node:
+
+    paper:
+      title: "Table 3: SRN and SRN-C ... on VResNet-feat"
+      columns: [psnr_7, onset_d1, onset_d9, trf, sigma1, srank]
+      rows:
+        - name: "SRN-C α=2.0 β=0.1"
+          match: {norm: {kind: srnc, alpha: 2.0, beta: 0.1}}   # config values that pick its runs
+          psnr_7: 35.59
+          onset_d1: .inf
+          ...
+
+:func:`collect_runs` reads every run dir under the sweep dir(s) — ``.hydra/config.yaml``,
+``metrics.json`` (written by src/train.py), ``measurements.json`` (written by
+:class:`recstab.report.TableMeasurements`) and, for keys missing from both, the last
+value of ``csv/metrics.csv``. W&B is not needed. :func:`build_table` matches runs to
+paper rows by config values (so runs of another sweep with the same model fill a row too:
+``dir=a,b``), averages repeated runs (seeds), and lists runs that match no paper row
+after the paper's rows. :func:`render_markdown` / :func:`write_csv` write it out.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+SWEEPS = Path(__file__).resolve().parents[3] / "sweeps"
+
+# column -> (header, metric key or None for derived columns, format)
+COLUMNS = {
+    "params": ("# param.", "params/count", "params"),
+    "fps": ("fps", "speed/fps", "{:.1f}"),
+    "psnr_mean": ("PSNR_mean", "test/psnr_mean", "{:.2f}"),
+    "lpips_7": ("LPIPS_7", "test/lpips_7", "{:.3f}"),
+    "onset_d1": ("1st dec.", "long/onset_d1", "onset"),
+    "onset_d9": ("9th dec.", "long/onset_d9", "onset"),
+    "n_onsets": ("# inst.", "long/n_onsets", "{:.0f}"),
+    "long_psnr": ("PSNR long video", "long/psnr_mean", "{:.2f}"),
+    "trf": ("TRF", None, "text"),
+    "stable": ("Stable", None, "text"),
+    "sigma1": ("σ1 (mean±sd)", None, "text"),
+    "srank": ("srank/(n²m)", "spectra/srank_ratio_mean", "{:.3f}"),
+}
+
+
+@dataclass
+class Run:
+    path: Path
+    config: DictConfig
+    metrics: dict
+    name: str
+    notes: list = field(default_factory=list)
+
+    def value(self, key: str):
+        """A config value (dotted key), resolved when possible, else None."""
+        try:
+            return OmegaConf.select(self.config, key, throw_on_resolution_failure=False)
+        except Exception:
+            return None
+
+
+def sweep_file(sweep: str) -> Path:
+    path = SWEEPS / f"{sweep}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+        raise FileNotFoundError(f"no sweep {sweep!r} in {SWEEPS}; sweeps: {', '.join(names)}")
+    return path
+
+
+def load_paper(sweep: str) -> dict:
+    """The ``paper:`` node of sweeps/<sweep>.yaml as plain Python."""
+    node = OmegaConf.load(sweep_file(sweep)).get("paper")
+    if node is None:
+        raise ValueError(f"sweeps/{sweep}.yaml has no `paper:` node")
+    return OmegaConf.to_container(node, resolve=False)
+
+
+def _last_csv_values(path: Path) -> dict:
+    values: dict = {}
+    if not path.is_file():
+        return values
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key and value not in (None, ""):
+                    try:
+                        values[key] = float(value)
+                    except ValueError:
+                        pass
+    return values
+
+
+def load_run(path: Path) -> Run | None:
+    """One run dir -> Run (None when it has no config or finished nothing)."""
+    config_file = path / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        return None
+    config = OmegaConf.load(config_file)
+    metrics, notes = {}, []
+    for key, value in _last_csv_values(path / "csv" / "metrics.csv").items():
+        metrics[key] = value
+    if (path / "metrics.json").is_file():
+        metrics.update(json.loads((path / "metrics.json").read_text()))
+    else:
+        notes.append("no metrics.json (unfinished?)")
+    extra = {}
+    if (path / "measurements.json").is_file():
+        extra = json.loads((path / "measurements.json").read_text())
+        metrics.update(extra.get("metrics", {}))
+    metrics["_device_name"] = (extra.get("device") or {}).get("device_name")
+    metrics["_fps_size"] = (extra.get("fps") or {})
+    name = OmegaConf.select(config, "run_name", throw_on_resolution_failure=False) or path.name
+    return Run(path, config, metrics, str(name), notes)
+
+
+def collect_runs(dirs) -> list[Run]:
+    """Every run under the given sweep (or run) dirs, in path order."""
+    runs = []
+    for d in [Path(d) for d in ([dirs] if isinstance(dirs, (str, Path)) else dirs)]:
+        if not d.is_dir():
+            raise FileNotFoundError(f"sweep dir {d} does not exist")
+        for config in sorted(d.rglob(".hydra/config.yaml")):
+            run = load_run(config.parent.parent)
+            if run is not None and ("metrics.json" in {p.name for p in run.path.iterdir()}
+                                    or (run.path / "measurements.json").is_file()):
+                runs.append(run)
+    return runs
+
+
+def _flatten(match: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (match or {}).items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return str(a) == str(b)
+
+
+def matches(run: Run, match: dict) -> bool:
+    return all(_same(run.value(key), want) for key, want in _flatten(match).items())
+
+
+def _psnr_last(metrics: dict) -> tuple[float | None, int | None]:
+    """test/psnr_7, else the PSNR of the last test frame (clips shorter than 7 frames, e.g. smoke)."""
+    if "test/psnr_7" in metrics:
+        return metrics["test/psnr_7"], 7
+    frames = [int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("test/psnr_") and k[10:].isdigit()]
+    if not frames:
+        return None, None
+    return metrics[f"test/psnr_{max(frames)}"], max(frames)
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None
+    if any(math.isinf(v) for v in values):
+        finite = [v for v in values if not math.isinf(v)]
+        return math.inf if not finite else sum(finite) / len(finite)  # ∞ only when no run broke
+    return sum(values) / len(values)
+
+
+def our_value(column: str, runs: list[Run], notes: set):
+    """Our value of one column over the runs of one row (mean over repeated runs)."""
+    if not runs:
+        return None
+    ms = [r.metrics for r in runs]
+    if column == "psnr_7":
+        values = [_psnr_last(m) for m in ms]
+        for _, t in values:
+            if t is not None and t != 7:
+                notes.add(f"PSNR_7: clips have {t} frames here (debug/short clips): PSNR of frame {t} shown")
+        return _mean([v for v, _ in values])
+    if column.startswith("psnr_") and column[5:].isdigit():
+        return _mean([m.get(f"test/{column}") for m in ms])
+    if column == "trf":
+        verdicts = [m["trf/unbounded"] for m in ms if "trf/unbounded" in m]
+        if not verdicts:
+            return None
+        extent = _mean([m.get("trf/extent") for m in ms])
+        if all(v >= 0.5 for v in verdicts):
+            return "unbounded"
+        if all(v < 0.5 for v in verdicts):
+            return f"bounded ({extent:.0f} fr.)" if extent is not None else "bounded"
+        return f"mixed ({sum(v >= 0.5 for v in verdicts)}/{len(verdicts)} unbounded)"
+    if column == "stable":
+        d1 = _mean([m.get("long/onset_d1") for m in ms])
+        trf = our_value("trf", runs, notes)
+        if d1 is None and trf is None:
+            return None
+        unstable = (d1 is not None and not math.isinf(d1)) or (trf is not None and not trf.startswith("bounded"))
+        return "✗" if unstable else "✓"
+    if column == "sigma1":
+        mean, sd = _mean([m.get("spectra/sigma1_mean") for m in ms]), _mean([m.get("spectra/sigma1_std") for m in ms])
+        return None if mean is None else f"{mean:.2f}±{sd or 0:.2f}"
+    if column not in COLUMNS:
+        raise KeyError(f"unknown column {column!r}; columns: psnr_1..psnr_T, psnr_7, {', '.join(COLUMNS)}")
+    return _mean([m.get(COLUMNS[column][1]) for m in ms])
+
+
+def fmt(column: str, value) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "✓" if value else "✗"
+    spec = COLUMNS.get(column, (None, None, "{:.2f}"))[2]
+    if spec == "onset" or (isinstance(value, float) and math.isinf(value)):
+        return "∞" if math.isinf(value) else f"{value:.0f}"
+    if spec == "params":
+        return "n/a" if value == 0 else (f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.0f}k")
+    if spec == "text":
+        return str(value)
+    return spec.format(value)
+
+
+def header(column: str) -> str:
+    if column in COLUMNS:
+        return COLUMNS[column][0]
+    return column.replace("psnr_", "PSNR_")
+
+
+@dataclass
+class Table:
+    sweep: str
+    title: str
+    columns: list
+    rows: list          # dicts: name, runs, ours{col: value}, paper{col: value}
+    notes: list
+
+
+def build_table(sweep: str, runs: list[Run], paper: dict | None = None) -> Table:
+    """Match runs to the paper's rows; our values beside the paper's."""
+    paper = paper or load_paper(sweep)
+    columns = list(paper["columns"])
+    notes: set = set()
+    taken: set = set()
+    rows = []
+    for spec in paper["rows"]:
+        mine = [r for r in runs if id(r) not in taken and matches(r, spec.get("match") or {})]
+        taken.update(id(r) for r in mine)
+        rows.append({"name": spec["name"], "runs": len(mine), "dirs": [str(r.path) for r in mine],
+                     "ours": {c: our_value(c, mine, notes) for c in columns},
+                     "paper": {c: spec.get(c) for c in columns}, "note": spec.get("note", "")})
+    for run in runs:
+        if id(run) not in taken:
+            rows.append({"name": f"{run.name} (not in the paper)", "runs": 1, "dirs": [str(run.path)],
+                         "ours": {c: our_value(c, [run], notes) for c in columns},
+                         "paper": {c: None for c in columns}, "note": ""})
+    if "fps" in columns:
+        devices = sorted({str(r.metrics.get("_device_name")) for r in runs if r.metrics.get("_device_name")})
+        sizes = sorted({f"{s.get('width')}×{s.get('height')}" for r in runs if (s := r.metrics.get("_fps_size"))})
+        notes.add(f"fps (ours): measured at {', '.join(sizes) or '?'} on {', '.join(devices) or '?'}, frame by "
+                  "frame; the paper's: its authors' GPU (TensorFlow), an order of magnitude only")
+    for run in runs:
+        notes.update(f"{run.path.name}: {n}" for n in run.notes)
+    notes.update(paper.get("notes") or [])
+    return Table(sweep, paper.get("title", sweep), columns, rows, sorted(notes))
+
+
+def render_markdown(table: Table) -> str:
+    cells = ["model", "runs"]
+    for c in table.columns:
+        cells += [header(c), f"{header(c)} paper"]
+    lines = [f"## {table.title}", "", "| " + " | ".join(cells) + " |", "|" + "---|" * len(cells)]
+    for row in table.rows:
+        cells = [row["name"], str(row["runs"])]
+        for c in table.columns:
+            cells += [fmt(c, row["ours"][c]) or "—", fmt(c, row["paper"][c]) or "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if table.notes:
+        lines += [""] + [f"- {n}" for n in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: Table, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "runs"] + [x for c in table.columns for x in (c, f"paper_{c}")] + ["run_dirs"])
+        for row in table.rows:
+            values = [row["ours"][c] for c in table.columns]
+            papers = [row["paper"][c] for c in table.columns]
+            writer.writerow([row["name"], row["runs"]] + [x for v, p in zip(values, papers) for x in (_raw(v), _raw(p))]
+                            + [";".join(row["dirs"])])
+    return path
+
+
+def _raw(value):
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return value
+
+
+def draw_figure(table: Table, runs: list[Run], paper: dict, path: Path) -> Path | None:
+    """The figure of a `paper.figure` spec: psnr_per_frame (Fig. 7), onsets_vs (Fig. 12), long_psnr (Fig. 9)."""
+    spec = paper.get("figure")
+    if not spec or not runs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    kind = spec["kind"]
+    if kind == "psnr_per_frame":
+        for run in runs:
+            frames = sorted(int(k[10:]) for k in run.metrics if k.startswith("test/psnr_") and k[10:].isdigit())
+            ax.plot(frames, [run.metrics[f"test/psnr_{t}"] for t in frames], marker="o", label=run.name)
+        ax.set(xlabel="frame", ylabel="PSNR (dB)")
+    elif kind == "onsets_vs":
+        pts = sorted((float(run.value(spec["x"])), run.metrics.get("long/onset_d1"), run.metrics.get("long/onset_d9"))
+                     for run in runs if run.value(spec["x"]) is not None)
+        for i, label in ((1, "1st decile"), (2, "9th decile")):
+            ys = [p[i] if p[i] is not None and math.isfinite(p[i]) else np.nan for p in pts]
+            ax.plot([p[0] for p in pts], ys, marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel=spec.get("xlabel", spec["x"]), ylabel="instability onset (frames)")
+    elif kind == "long_psnr":
+        for run in runs:
+            f = run.path / "measure" / "long_psnr.npy"
+            if f.is_file():
+                ax.plot(np.clip(np.load(f), -10, 60), lw=0.7, label=run.name)
+        ax.set(xlabel="frame", ylabel="PSNR (dB)")
+    ax.set_title(table.title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def newest_sweep_dir(sweep: str, log_dir: Path) -> Path:
+    """logs/<sweep>/multiruns/<newest>: where `python src/train.py -m sweep=<sweep>` wrote last."""
+    candidates = sorted((log_dir / sweep / "multiruns").glob("*"))
+    if not candidates:
+        raise FileNotFoundError(f"no runs of sweep {sweep!r} under {log_dir / sweep / 'multiruns'}; "
+                                f"pass dir=<sweep dir>")
+    return candidates[-1]
+
+
+def report(sweep: str, dirs, out: Path | None = None) -> tuple[Table, dict]:
+    """Collect, build, write <out>/<sweep>.md, .csv (and .png for figures); return (table, files)."""
+    dirs = [Path(d) for d in ([dirs] if isinstance(dirs, (str, Path)) else dirs)]
+    paper = load_paper(sweep)
+    runs = collect_runs(dirs)
+    table = build_table(sweep, runs, paper)
+    out = Path(out) if out else dirs[0] / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": out / f"{sweep}.md", "csv": write_csv(table, out / f"{sweep}.csv")}
+    files["markdown"].write_text(render_markdown(table))
+    figure = draw_figure(table, runs, paper, out / f"{sweep}.png")
+    if figure:
+        files["figure"] = figure
+    return table, files
