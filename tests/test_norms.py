@@ -36,12 +36,13 @@ def he_conv(c_in, c_out=None, k=3, seed=0, dtype=torch.float32):
 
 
 def dense_operator(weight, n):
-    """The (c_out·n²) × (c_in·n²) matrix of the circular conv, column by column from the identity basis."""
-    c_in = weight.shape[1]
+    """The (c_out·n²) × (c_in·n²) matrix of the circular conv, column by column from the identity basis.
+
+    Padded on one side only: a circular shift of the output does not change the singular values.
+    """
+    c_in, kh, kw = weight.shape[1:]
     basis = torch.eye(c_in * n * n, dtype=weight.dtype).view(-1, c_in, n, n)
-    out = F.conv2d(F.pad(basis, (1, 1, 1, 1), mode="circular"), weight) if weight.shape[-1] == 3 else None
-    if out is None:  # any kernel size: the same circular conv through the library's helper
-        out = conv_circular(basis, weight)
+    out = F.conv2d(F.pad(basis, (0, kw - 1, 0, kh - 1), mode="circular"), weight)
     return out.reshape(c_in * n * n, -1).T
 
 
@@ -193,12 +194,13 @@ def test_srnc_gamma_formula_and_closed_form_direction():
 def test_sn_normalises_the_reshaped_kernel_but_not_the_operator():
     conv = he_conv(16, seed=0)
     reference = he_conv(16, seed=0)
-    torch.nn.utils.parametrizations.spectral_norm(reference, n_power_iterations=200)
+    torch.nn.utils.parametrizations.spectral_norm(reference, n_power_iterations=500)
+    reference.weight  # one training-mode access runs torch's 500 power iterations
     apply_norm(conv, "sn", alpha=1.5)
     conv.eval()
     reference.eval()
     assert torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2).item() / 1.5 == pytest.approx(1.0, rel=1e-2)
-    assert torch.allclose(conv.weight / 1.5, reference.weight, rtol=1e-2, atol=1e-4)
+    assert torch.allclose(conv.weight / 1.5, reference.weight, rtol=1e-3, atol=1e-5)
     ratio = spectral_norm_fft(conv.weight, 32) / 1.5
     assert 1.5 <= ratio <= 3.0  # the paper's Table 3, first row: SN/SRN fails to control the layer
 
@@ -266,6 +268,7 @@ def test_cached_unroll_runs_the_power_iteration_once_per_step():
 def test_a_training_step_advances_u_by_one_exact_power_iteration_step():
     conv = apply_norm(he_conv(4, seed=17, dtype=torch.float64), "srnc", alpha=1.0, beta=0.5, n=8)
     norm = conv.parametrizations.weight[0]
+    norm.step_jitter = 0.0  # the plain power-iteration step (the default adds a 10 % random part to v)
     kernel = conv.parametrizations.weight.original
     with torch.no_grad():
         kernel.mul_(1.01)  # a new kernel: the next training access advances u

@@ -99,6 +99,13 @@ class SpectrumMonitor(L.Callback):
         if trainer.global_step % self.every_n_steps == 0:
             self._measure(trainer, pl_module)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._measure(trainer, pl_module)  # the final weights (after the last refresh)
+
+    def summary(self) -> dict[str, float]:
+        """The last measurement, for the run's metrics.json."""
+        return dict(self.last_metrics)
+
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         if step == self._done_step or not trainer.is_global_zero:
@@ -113,6 +120,10 @@ class SpectrumMonitor(L.Callback):
             metrics[f"spectra/{name}/sigma1"] = sigma1
             metrics[f"spectra/{name}/srank"] = float(s.double().pow(2).sum()) / sigma1**2 if sigma1 > 0 else 0.0
         metrics["spectra/sigma1_max"] = max(float(s[0]) for s in spectra.values())
+        metrics["spectra/sigma1_mean"] = sum(float(s[0]) for s in spectra.values()) / len(spectra)
+        # stable rank relative to its maximum n²·m (what SRN-C's beta targets), averaged over layers
+        metrics["spectra/srank_ratio_mean"] = sum(
+            metrics[f"spectra/{name}/srank"] / s.numel() for name, s in spectra.items()) / len(spectra)
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -36,7 +36,7 @@ SWEEPS = Path(__file__).resolve().parents[3] / "sweeps"
 # column -> (header, metric key or None for derived columns, format)
 COLUMNS = {
     "params": ("# param.", "params/count", "params"),
-    "fps": ("fps", "speed/fps", "{:.1f}"),
+    "fps": ("fps", "speed/fps", "fps"),
     "psnr_mean": ("PSNR_mean", "test/psnr_mean", "{:.2f}"),
     "lpips_7": ("LPIPS_7", "test/lpips_7", "{:.3f}"),
     "onset_d1": ("1st dec.", "long/onset_d1", "onset"),
@@ -45,7 +45,7 @@ COLUMNS = {
     "long_psnr": ("PSNR long video", "long/psnr_mean", "{:.2f}"),
     "trf": ("TRF", None, "text"),
     "stable": ("Stable", None, "text"),
-    "sigma1": ("σ1 (mean±sd)", None, "text"),
+    "sigma1": ("σ1 (mean)", "spectra/sigma1_mean", "{:.2f}"),
     "srank": ("srank/(n²m)", "spectra/srank_ratio_mean", "{:.3f}"),
 }
 
@@ -176,12 +176,15 @@ def _mean(values):
     return sum(values) / len(values)
 
 
-def our_value(column: str, runs: list[Run], notes: set):
-    """Our value of one column over the runs of one row (mean over repeated runs)."""
+def our_value(column: str, runs: list[Run], notes: set, last_frame: bool = True):
+    """Our value of one column over the runs of one row (mean over repeated runs).
+
+    ``last_frame``: PSNR_7 falls back to the last frame of shorter clips (not in per-frame tables).
+    """
     if not runs:
         return None
     ms = [r.metrics for r in runs]
-    if column == "psnr_7":
+    if column == "psnr_7" and last_frame:
         values = [_psnr_last(m) for m in ms]
         for _, t in values:
             if t is not None and t != 7:
@@ -206,9 +209,6 @@ def our_value(column: str, runs: list[Run], notes: set):
             return None
         unstable = (d1 is not None and not math.isinf(d1)) or (trf is not None and not trf.startswith("bounded"))
         return "✗" if unstable else "✓"
-    if column == "sigma1":
-        mean, sd = _mean([m.get("spectra/sigma1_mean") for m in ms]), _mean([m.get("spectra/sigma1_std") for m in ms])
-        return None if mean is None else f"{mean:.2f}±{sd or 0:.2f}"
     if column not in COLUMNS:
         raise KeyError(f"unknown column {column!r}; columns: psnr_1..psnr_T, psnr_7, {', '.join(COLUMNS)}")
     return _mean([m.get(COLUMNS[column][1]) for m in ms])
@@ -228,6 +228,8 @@ def fmt(column: str, value) -> str:
         return "n/a" if value == 0 else (f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.0f}k")
     if spec == "text":
         return str(value)
+    if spec == "fps":
+        return f"{value:.2g}" if value < 10 else f"{value:.0f}"
     return spec.format(value)
 
 
@@ -250,6 +252,7 @@ def build_table(sweep: str, runs: list[Run], paper: dict | None = None) -> Table
     """Match runs to the paper's rows; our values beside the paper's."""
     paper = paper or load_paper(sweep)
     columns = list(paper["columns"])
+    last = not any(f"psnr_{t}" in columns for t in range(2, 7))  # per-frame tables show frames as they are
     notes: set = set()
     taken: set = set()
     rows = []
@@ -257,12 +260,12 @@ def build_table(sweep: str, runs: list[Run], paper: dict | None = None) -> Table
         mine = [r for r in runs if id(r) not in taken and matches(r, spec.get("match") or {})]
         taken.update(id(r) for r in mine)
         rows.append({"name": spec["name"], "runs": len(mine), "dirs": [str(r.path) for r in mine],
-                     "ours": {c: our_value(c, mine, notes) for c in columns},
+                     "ours": {c: our_value(c, mine, notes, last) for c in columns},
                      "paper": {c: spec.get(c) for c in columns}, "note": spec.get("note", "")})
     for run in runs:
         if id(run) not in taken:
             rows.append({"name": f"{run.name} (not in the paper)", "runs": 1, "dirs": [str(run.path)],
-                         "ours": {c: our_value(c, [run], notes) for c in columns},
+                         "ours": {c: our_value(c, [run], notes, last) for c in columns},
                          "paper": {c: None for c in columns}, "note": ""})
     if "fps" in columns:
         devices = sorted({str(r.metrics.get("_device_name")) for r in runs if r.metrics.get("_device_name")})
