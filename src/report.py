@@ -40,8 +40,16 @@ def main(argv: list[str]) -> int:
     from recstab.report.tables import newest_sweep_dir, report
 
     log_dir = Path(os.environ.get("PROJECT_ROOT", ROOT)) / "logs"
-    dirs = args["dir"].split(",") if args.get("dir") else [newest_sweep_dir(args["sweep"], log_dir)]
-    table, files = report(args["sweep"], dirs, args.get("out"))
+    try:
+        dirs = args["dir"].split(",") if args.get("dir") else [newest_sweep_dir(args["sweep"], log_dir)]
+    except FileNotFoundError as error:
+        print(f"report.py: {error}", file=sys.stderr)
+        return 2
+    try:
+        table, files = report(args["sweep"], dirs, args.get("out"))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"report.py: {error}", file=sys.stderr)
+        return 2
     print(files["markdown"].read_text())
     print("written: " + ", ".join(str(p) for p in files.values()))
     if not any(row["runs"] for row in table.rows):

@@ -158,13 +158,15 @@ class TableMeasurements(L.Callback):
             ``instability_onsets`` kwargs (chunk, seed, max_frames, burst, overlap); None: off.
         fps: height, width, frames, warmup of :func:`measure_fps`; None: off.
         dampening: the evaluation λ the config asks for (``${module.dampening}``); None: the module's.
+        require_checkpoint: refuse to test without a checkpoint (``ckpt_path``): evaluation sweeps
+            (Table 7, Fig. 12) would otherwise measure an untrained model.
         debug: the ``debug`` config choice; ``smoke`` applies the ``smoke`` sizes.
         smoke: sizes merged into spectra_n/trf/onsets/fps under debug=smoke.
     """
 
     def __init__(self, params: bool = True, spectra_n: int | None = 64, trf: dict | None = None,
                  onsets: dict | None = None, fps: dict | None = None, dampening: float | None = None,
-                 debug: str | None = None, smoke: dict | None = None):
+                 require_checkpoint: bool = False, debug: str | None = None, smoke: dict | None = None):
         small = dict(smoke or {}) if debug == "smoke" else {}
         self.params = bool(params)
         self.spectra_n = small.get("spectra_n", spectra_n) if spectra_n is not None else None
@@ -174,6 +176,7 @@ class TableMeasurements(L.Callback):
         if self.onsets is not None and self.onsets.get("video", "long") not in ("long", "scenes"):
             raise ValueError(f"onsets.video must be 'long' or 'scenes', got {self.onsets.get('video')!r}")
         self.dampening = None if dampening is None else float(dampening)
+        self.require_checkpoint = bool(require_checkpoint)
         self.device: dict = {}
         self.results: dict = {}
 
@@ -182,6 +185,9 @@ class TableMeasurements(L.Callback):
         self._record_device(trainer, pl_module, "train")
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.require_checkpoint and not trainer.ckpt_path:
+            raise ValueError("this evaluation sweep tests a trained checkpoint: pass ckpt_path=<absolute path of "
+                             "its .ckpt> (and the experiment= it was trained with)")
         hparams = getattr(pl_module, "hparams", {})
         if self.dampening is not None and "dampening" in hparams and float(hparams["dampening"]) != self.dampening:
             log.warning("module hparams say dampening=%s, the config asks for %s: testing with %s",
