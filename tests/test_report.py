@@ -126,3 +126,55 @@ def test_report_function_writes_markdown_csv(tmp_path):
     table, files = report("table2", [tmp_path / "sweep"], tmp_path / "out")
     assert files["markdown"].read_text().count("| VResNet-feat | 1 | 30.50 | 35.74 |") == 1
     assert files["csv"].is_file()
+
+
+# ------------------------------------------------------------------------------------- the measurement callback
+class _Trainer:
+    """The few Trainer attributes TableMeasurements reads."""
+
+    def __init__(self, out, ckpt_path=None):
+        self.default_root_dir, self.ckpt_path, self.loggers = str(out), ckpt_path, []
+        self.is_global_zero, self.global_step, self.world_size = True, 0, 1
+
+
+def test_measurements_smoke_sizes_apply_only_under_debug_smoke():
+    from recstab.report import TableMeasurements
+
+    kw = dict(trf={"frames": 81, "size": 64, "iters": 500}, onsets=None, fps=None,
+              smoke={"trf": {"frames": 9, "iters": 3}, "fps": {"height": 32}, "spectra_n": 16})
+    paper, smoke = TableMeasurements(**kw), TableMeasurements(debug="smoke", **kw)
+    assert paper.trf == {"frames": 81, "size": 64, "iters": 500} and paper.spectra_n == 64
+    assert smoke.trf == {"frames": 9, "size": 64, "iters": 3} and smoke.spectra_n == 16
+    assert smoke.fps is None and smoke.onsets is None  # a part that is off stays off
+
+
+def test_measurements_force_the_configured_dampening_and_write_json(tmp_path):
+    from recstab.lit.module import VideoRestorationModule
+    from recstab.report import TableMeasurements
+
+    module = VideoRestorationModule(channels=4, frames=3, dampening=1.0, norm={"kind": "srnc", "alpha": 0.5,
+                                                                               "beta": 1.0, "n": 8})
+    callback = TableMeasurements(spectra_n=8, trf={"frames": 5, "size": 8, "iters": 2}, dampening=0.0,
+                                 onsets={"video": "scenes", "sigma": 30, "chunk": 4,
+                                         "scenes": {"n_distinct": 2, "total_frames": 8, "size": 16, "repeats": 2}},
+                                 fps={"height": 8, "width": 8, "frames": 2, "warmup": 1})
+    trainer = _Trainer(tmp_path)
+    callback.on_test_start(trainer, module)
+    assert module.hparams.dampening == 0.0  # the config's λ wins over the module's (e.g. a checkpoint's)
+    callback.on_test_end(trainer, module)
+    saved = json.loads((tmp_path / "measurements.json").read_text())
+    m = saved["metrics"]
+    assert m["eval/dampening"] == 0.0 and m["trf/unbounded"] == 0.0  # λ = 0: no feedback, bounded
+    assert abs(m["spectra/sigma1_max"] - 0.5) < 0.02  # SRN-C α = 0.5, refreshed before measuring
+    assert m["long/frames"] == 16 and saved["onsets"]["sequences"] == 2 and m["speed/fps"] > 0
+    assert json.loads((tmp_path / "device.json").read_text())["test_device"] == "cpu"
+    assert (tmp_path / "measure" / "trf.png").is_file()
+
+
+def test_evaluation_sweeps_refuse_to_test_without_a_checkpoint(tmp_path):
+    from recstab.lit.module import VideoRestorationModule
+    from recstab.report import TableMeasurements
+
+    with pytest.raises(ValueError, match="pass ckpt_path="):
+        TableMeasurements(require_checkpoint=True).on_test_start(_Trainer(tmp_path), VideoRestorationModule(channels=4))
+    TableMeasurements(require_checkpoint=True).on_test_start(_Trainer(tmp_path, "x.ckpt"), VideoRestorationModule(channels=4))

@@ -9,10 +9,19 @@
   them to the paper's rows of ``sweeps/<name>.yaml`` and write Markdown, CSV (and a figure).
 
 Not to be confused with :mod:`recstab.diagnostics.report`, the stability report of one model.
+The callback is imported lazily: building a table needs neither torch nor Lightning.
 """
 
-from recstab.report.measure import TableMeasurements, device_info, measure_fps
 from recstab.report.tables import Run, Table, build_table, collect_runs, load_paper, render_markdown, report
 
-__all__ = ["TableMeasurements", "device_info", "measure_fps", "Run", "Table", "build_table", "collect_runs",
-           "load_paper", "render_markdown", "report"]
+_MEASURE = ("TableMeasurements", "device_info", "measure_fps")
+
+
+def __getattr__(name: str):
+    if name in _MEASURE:
+        from recstab.report import measure
+        return getattr(measure, name)
+    raise AttributeError(f"module 'recstab.report' has no attribute {name!r}")
+
+
+__all__ = [*_MEASURE, "Run", "Table", "build_table", "collect_runs", "load_paper", "render_markdown", "report"]

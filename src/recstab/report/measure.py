@@ -247,8 +247,8 @@ class TableMeasurements(L.Callback):
     def _trf(self, model, dampening: float, out: Path, extra: dict) -> dict:
         from recstab.diagnostics import temporal_receptive_field
 
-        if not any(p.requires_grad for p in model.parameters()) and not list(model.parameters()):
-            return {}  # nothing to diagnose (BM3D)
+        if not list(model.parameters()):
+            return {}  # no network to diagnose (BM3D)
         with torch.enable_grad():
             trf = temporal_receptive_field(model, dampening=dampening, **self.trf)
         trf.save_png(out / "measure" / "trf.png")
