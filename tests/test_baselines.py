@@ -17,13 +17,6 @@ TABLE1 = {"fastdvdnet": 2.49e6, "frvsr": 2.49e6, "dbdnet": 965e3}
 EXACT = {"fastdvdnet": 2_477_476, "frvsr": 2_489_317, "dbdnet": 964_712}  # the docstrings' arithmetic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is faster than two on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def clip(b=1, t=4, c=3, h=12, w=20, seed=0):

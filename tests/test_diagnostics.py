@@ -19,13 +19,6 @@ from recstab.diagnostics import (BurstProcessor, burst_process, figure2, instabi
 from recstab.models import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs: one intra-op thread is ~100x faster than two on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class LinearRecurrence(nn.Module):

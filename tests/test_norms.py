@@ -19,13 +19,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "norm")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convs are ~1000x slower with a contended 2-thread pool on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def he_conv(c_in, c_out=None, k=3, seed=0, dtype=torch.float32):

@@ -41,6 +41,7 @@ import math
 import queue
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from recstab.models.dampening import evaluating
 
 
 # ---------------------------------------------------------------------- burst-by-burst processing
@@ -364,14 +367,8 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
 
     source = _Prefetcher(clean_frames, chunk, degrade, seed, make_generator, in_channels,
                          degrade.scale, max_frames, prefetch)
-    old_dampening = getattr(model, "dampening", None)
-    if dampening is not None:
-        if old_dampening is None:
-            raise ValueError(f"dampening={dampening} asked but {type(model).__name__} has no "
-                             "`dampening` attribute (feature dampening of appendix F)")
-        model.dampening = float(dampening)
-    was_training = model.training
-    model.eval()
+    scope = ExitStack()
+    scope.enter_context(evaluating(model, dampening))
     psnr_chunks, onsets, unstable = [], [], []
     since, state, frames, model_seconds, step = 0, None, 0, 0.0, chunk
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
@@ -410,9 +407,7 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
                         since, state, i, step = 0, None, i + j + 1, 1
                 frames += k
     finally:
-        model.train(was_training)
-        if dampening is not None:
-            model.dampening = old_dampening
+        scope.close()
     seconds = time.perf_counter() - start
     psnr_all = np.concatenate(psnr_chunks).astype(np.float32) if psnr_chunks else np.zeros(0, np.float32)
     settings = {"sigma": sigma, "task": task, "chunk": chunk, "seed": seed, "burst": burst,

@@ -43,6 +43,7 @@ from torch import nn
 
 from recstab.diagnostics.onsets import BurstProcessor, OnsetResult, instability_onsets
 from recstab.diagnostics.trf import TRFResult, temporal_receptive_field
+from recstab.models.dampening import evaluating
 
 VERDICTS = ("certified stable", "proven unstable", "empirically stable")
 
@@ -164,14 +165,9 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or type(model).__name__
     trf_kwargs, onset_kwargs = dict(trf_kwargs or {}), dict(onset_kwargs or {})
-    old_dampening = getattr(model, "dampening", None)
-    if dampening is not None:
-        if old_dampening is None:
-            raise ValueError(f"dampening={dampening} asked but {type(model).__name__} has no `dampening` attribute")
-        model.dampening = float(dampening)
     start = time.perf_counter()
     files: dict = {}
-    try:
+    with evaluating(model, dampening):
         subject = BurstProcessor(model, burst, overlap) if burst is not None else model
         trf = temporal_receptive_field(subject, **trf_kwargs)
         files["trf"] = trf.save_png(out_dir / "trf.png")
@@ -192,9 +188,6 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
             files["spectra"] = _save_spectra(spectra, convs, out_dir / "spectra.png")
         bound = lipschitz_bound(model, norms, spectra_n)
         dampening_used = getattr(model, "dampening", None)
-    finally:
-        if dampening is not None:
-            model.dampening = old_dampening
 
     verdict, conflict = decide(bound, trf, onsets)
     notes += conflict

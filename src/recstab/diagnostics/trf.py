@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from recstab.models.dampening import evaluating
 
 THRESHOLD = 1e-6   # relative gradient energy below which a past frame has no influence on p
 BLOWUP = 1e6       # |y| above this proves divergence (inputs and sane outputs are ~[0, 1])
@@ -198,14 +201,8 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     x = torch.rand(1, frames, c, size, size, generator=generator).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
 
-    was_training = model.training
-    old_dampening = getattr(model, "dampening", None)
-    if dampening is not None:
-        if old_dampening is None:
-            raise ValueError(f"dampening={dampening} asked but {type(model).__name__} has no "
-                             "`dampening` attribute (feature dampening of appendix F)")
-        model.dampening = float(dampening)
-    model.eval()
+    scope = ExitStack()
+    scope.enter_context(evaluating(model, dampening))
     # Gradients of a contractive model shrink geometrically into the past and reach
     # subnormal floats, which x86 CPUs process ~100x slower (a TRF ran 2.2x slower):
     # flush them to zero during the test (influence below 1e-38 of ‖∂p/∂x‖ is 0 anyway).
@@ -253,9 +250,7 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     finally:
         if flush:
             torch.set_flush_denormal(False)  # PyTorch's default
-        model.train(was_training)
-        if dampening is not None:
-            model.dampening = old_dampening
+        scope.close()
     seconds = time.perf_counter() - start
 
     if grad is not None and bool(torch.isfinite(grad).all()):

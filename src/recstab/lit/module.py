@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from recstab.models import build_model
+from recstab.models.dampening import evaluating
 
 LOSSES = ("mse", "l1", "charbonnier")
 
@@ -135,11 +136,8 @@ class VideoRestorationModule(L.LightningModule):
         return prediction
 
     def _evaluate(self, split: str, batch: dict) -> torch.Tensor:
-        self.model.dampening = self.hparams.dampening
-        try:
+        with evaluating(self.model, self.hparams.dampening):
             prediction = self.model(batch["input"]).clamp(0, 1)
-        finally:
-            self.model.dampening = 1.0
         target = batch["target"]
         metrics = self.frame_psnr[split]
         if target.shape[1] != len(metrics):

@@ -47,6 +47,12 @@ TASKS = {"denoise": 1, "sr2": 2}  # task -> spatial upscaling factor
 RECURRENT = ("feat", "frame", "rlsp", "birlsp")
 
 
+def check_clip(x: torch.Tensor, channels: int) -> None:
+    """Refuse anything but a B×T×C×H×W clip with the model's channel count."""
+    if x.dim() != 5 or x.shape[2] != channels:
+        raise ValueError(f"expected input B×T×{channels}×H×W, got shape {tuple(x.shape)}")
+
+
 class StreamingNotSupported(RuntimeError):
     """Raised when a bidirectional model is asked to process a stream chunk by chunk."""
 
@@ -131,8 +137,7 @@ class RecurrentVideoModel(nn.Module):
 
     # ------------------------------------------------------------------ internals
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 5 or x.shape[2] != self.in_channels:
-            raise ValueError(f"expected input B×T×{self.in_channels}×H×W, got shape {tuple(x.shape)}")
+        check_clip(x, self.in_channels)
 
     def _initial_state(self, x: torch.Tensor, body: Backbone) -> dict:
         b, _, c, h, w = x.shape

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from recstab.models.temporal import check_clip
+
 
 class BM3D(nn.Module):
     """Per-frame BM3D denoiser. ``model(x)``: B×T×C×H×W in [0, 1] -> same shape.
@@ -50,8 +52,7 @@ class BM3D(nn.Module):
     @torch.no_grad()
     def process(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         """Denoise every frame independently; the state is empty."""
-        if x.dim() != 5 or x.shape[2] != self.in_channels:
-            raise ValueError(f"expected input B×T×{self.in_channels}×H×W, got shape {tuple(x.shape)}")
+        check_clip(x, self.in_channels)
         frames = x.detach().cpu().double().numpy()
         out = np.empty_like(frames)
         for b in range(frames.shape[0]):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recstab.models.backbones import conv3x3, he_init_
+from recstab.models.temporal import check_clip
 
 
 class DBDNet(nn.Module):
@@ -72,8 +73,7 @@ class DBDNet(nn.Module):
 
     def process(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         """Chunked processing; the state is every multi-frame layer's last output."""
-        if x.dim() != 5 or x.shape[2] != self.in_channels:
-            raise ValueError(f"expected input B×T×{self.in_channels}×H×W, got shape {tuple(x.shape)}")
+        check_clip(x, self.in_channels)
         if state is None:
             b, _, c, h, w = x.shape
             state = {"features": [x.new_zeros(b, self.channels, h, w) for _ in self.multi[:-1]]

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recstab.models.backbones import he_init_
-from recstab.models.temporal import StreamingNotSupported
+from recstab.models.temporal import StreamingNotSupported, check_clip
 
 WINDOW = 5
 
@@ -145,8 +145,7 @@ class FastDVDnet(nn.Module):
         return self.stage2(first, noise_map)[..., :h, :w]
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 5 or x.shape[2] != self.in_channels:
-            raise ValueError(f"expected input B×T×{self.in_channels}×H×W, got shape {tuple(x.shape)}")
+        check_clip(x, self.in_channels)
 
     # ------------------------------------------------------------------ stability structure
     def recurrent_convs(self) -> list[nn.Conv2d]:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recstab.models.backbones import ResidualBlock, conv3x3, he_init_
+from recstab.models.temporal import check_clip
 
 MAX_FLOW = 24.0  # pixels
 
@@ -120,8 +121,7 @@ class FRVSR(nn.Module):
 
     def process(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         """Chunked processing; the state is the previous input and output frames."""
-        if x.dim() != 5 or x.shape[2] != self.in_channels:
-            raise ValueError(f"expected input B×T×{self.in_channels}×H×W, got shape {tuple(x.shape)}")
+        check_clip(x, self.in_channels)
         if state is None:
             state = {"input": x[:, 0], "output": torch.zeros_like(x[:, 0])}
         outputs = []
