@@ -104,6 +104,17 @@ def test_any_combination_trains_through_the_configs(tmp_path, model, recurrence,
     assert metrics["test/psnr_mean"] > 0 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.parametrize("norm", [["norm=srnc", "norm.alpha=2", "norm.beta=0.1"], ["norm=sn"],
+                                  ["norm=srn", "norm.alpha=1", "norm.beta=1"]])
+def test_normalised_models_train_through_the_configs(tmp_path, norm):
+    cfg = compose_cfg(tmp_path, ["model=vresnet", "recurrence=feat", "logger=csv", "norm.n=16", *norm])
+    metrics = run_training(cfg)
+    assert metrics["test/psnr_mean"] > 0
+    module = VideoRestorationModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module.hparams.norm["kind"] == norm[0].split("=")[1]
+    assert any("parametrizations" in name for name, _ in module.named_parameters())
+
+
 def test_resume_restores_step_and_optimizer(tmp_path):
     first = tmp_path / "first"
     run_training(compose_cfg(first, ["logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2"]))
