@@ -100,6 +100,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     finally:
         finish_wandb()
     out = Path(cfg.paths.output_dir)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     log.info("outputs in %s (final metrics in metrics.json)", out)
     return metrics
