@@ -88,6 +88,11 @@ def test_bad_input_refused_before_training(tmp_path, overrides, match):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_long_video_is_not_a_training_set(tmp_path):
+    with pytest.raises(ValueError, match="data=long_video is the stream of src/diagnose.py"):
+        run_training(compose_cfg(tmp_path, ["data=long_video"]))
+
+
 def test_unknown_backbone_lists_choices(tmp_path):
     cfg = compose_cfg(tmp_path, ["model.backbone=unet"])
     with pytest.raises(Exception, match="valid backbones: vdncnn, vresnet"):

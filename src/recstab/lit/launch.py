@@ -67,11 +67,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    if not isinstance(datamodule, L.LightningDataModule):
+    if not issubclass(hydra.utils.get_class(cfg.data._target_), L.LightningDataModule):
         raise ValueError(f"data={cfg.data._target_} is not a training dataset (a LightningDataModule); "
                          "train with data=synthetic or data=vimeo90k — data=long_video is the stream of "
                          "src/diagnose.py and of callbacks.onset_test")
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module: L.LightningModule = hydra.utils.instantiate(cfg.module, _convert_="all")
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
