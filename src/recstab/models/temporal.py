@@ -156,16 +156,17 @@ class RecurrentVideoModel(nn.Module):
         state = self._initial_state(x, body) if state is None else state
         frames = torch.cat([state["frames"], x], dim=1)
         lam = self.dampening
+        damp = (lambda h: h) if lam == 1 else (lambda h: lam * h)  # noqa: E731 — no copy when off
         outputs = []
         for t in range(x.shape[1]):
             window = frames[:, t:t + self.window].flatten(1, 2)  # B×(k·C)×H×W, oldest first
             head_in, sides = [window], None
             if self.connection == "frame":
-                head_in.append(F.pixel_unshuffle(lam * state["output"], self.scale))
+                head_in.append(F.pixel_unshuffle(damp(state["output"]), self.scale))
             elif self.connection in ("rlsp", "birlsp"):
-                head_in.append(lam * state["hidden"])
+                head_in.append(damp(state["hidden"]))
             elif self.connection == "feat":
-                sides = [lam * f for f in state["features"]]
+                sides = [damp(f) for f in state["features"]]
             elif self.connection == "shift":
                 sides = state["features"]
             hidden, block_in, block_out = body(torch.cat(head_in, dim=1), sides)
