@@ -1,7 +1,8 @@
 """Diagnose one model, or draw Figure 2: ``python src/diagnose.py [key=value ...]``.
 
     python src/diagnose.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
-    python src/diagnose.py recurrence=feat norm=srnc norm.alpha=0.5 norm.beta=1.0
+    python src/diagnose.py recurrence=feat norm=srnc model.norm.alpha=0.5 model.norm.beta=1.0
+    python src/diagnose.py experiment=paper row=srnc_2.0_0.1     # the untrained model of that run
     python src/diagnose.py experiment=fig2
 
 Root config: conf/diagnose.yaml. The report (TRF, long-video onset test, exact conv
@@ -32,7 +33,8 @@ def pick_device(name: str):
 
 
 def load_model(cfg: DictConfig):
-    """The nn.Module to diagnose: from ``ckpt_path``, or built untrained from the config groups."""
+    """The nn.Module to diagnose: from ``ckpt_path``, or built untrained from the ``model`` config
+    (``hydra.utils.instantiate``, as the LightningModule builds it for training)."""
     import torch
 
     if cfg.get("ckpt_path"):
@@ -41,20 +43,13 @@ def load_model(cfg: DictConfig):
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
         from recstab.lit.module import VideoRestorationModule
         module = VideoRestorationModule.load_from_checkpoint(str(path), map_location="cpu")
-        model = module.model
-        norm = dict(getattr(module, "norm", None) or {})
+        model, norm = module.model, module.norm
         if cfg.get("dampening") is None and "dampening" in module.hparams:
             model.dampening = float(module.hparams.dampening)
     else:
-        from recstab.models import build_model
         torch.manual_seed(int(cfg.seed))
-        m = cfg.model
-        model = build_model(m.backbone, cfg.recurrence.name, cfg.task.name, int(m.channels),
-                            int(m.get("in_channels", 3)), m.get("depth"))
-        norm = OmegaConf.to_container(cfg.norm, resolve=True) if cfg.get("norm") else {}
-        if norm.get("kind", "none") != "none":
-            from recstab.norms import apply_norm
-            apply_norm(model, **norm)
+        model = hydra.utils.instantiate(cfg.model, _convert_="all")
+        norm = OmegaConf.to_container(cfg.model.norm, resolve=True) if cfg.model.get("norm") else {}
     if norm.get("kind", "none") != "none":  # exact power-iteration vectors before measuring anything
         from recstab.norms import refresh
         refresh(model)
@@ -68,9 +63,11 @@ def run_report(cfg: DictConfig, out_dir: Path, run=None):
     model = load_model(cfg)
     frames = None
     if cfg.onsets.enabled:
-        gray = cfg.data.get("gray")
-        gray = int(getattr(model, "in_channels", 3)) == 1 if gray is None else gray
-        frames = hydra.utils.instantiate(cfg.data, gray=gray)
+        from recstab.data.long_video import LongVideo
+        stream = OmegaConf.to_container(cfg.long_video, resolve=True)
+        if stream.get("gray") is None:
+            stream["gray"] = int(model.in_channels) == 1
+        frames = LongVideo(**stream)
     onset_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.onsets, resolve=True).items() if k != "enabled"}
     report = stability_report(
         model, out_dir, clean_frames=frames, name=cfg.name, sigma=float(cfg.task.sigma) / 255,

@@ -76,7 +76,8 @@ def test_fastdvdnet_window_of_five():
     with torch.no_grad():
         d = (causal(x) - causal(x2)).abs().flatten(2).amax(-1).amax(0)
     assert d[1:6].min() > 0 and d[0] == 0 and d[6] == 0  # frame 1 is seen by frames 1..5 only
-    assert not causal.is_recurrent and causal.recurrent_convs() == [] and causal.loop_lipschitz_bound(None) == 0
+    assert not causal.is_recurrent and causal.recurrent_convs() == []
+    assert causal.loop_certificate().bound == 0 and causal.loop_certificate().certified
 
     centred = FastDVDnet(causal=False).eval()
     with torch.no_grad():
@@ -116,11 +117,12 @@ def test_recurrence_and_dampening(name):
 def test_stability_structure():
     frvsr, dbdnet = build_model("frvsr"), build_model("dbdnet")
     assert len(frvsr.recurrent_convs()) == 1 + 2 * 10 + 1
-    assert frvsr.loop_lipschitz_bound(lambda conv: 0.5) == math.inf  # warping: no bound derived
+    assert frvsr.loop_certificate(lambda w: 0.5).bound == math.inf  # warping: no bound derived
     assert len(dbdnet.recurrent_convs()) == 8
     assert all(isinstance(c, torch.nn.Conv2d) for c in frvsr.recurrent_convs() + dbdnet.recurrent_convs())
     dbdnet.dampening = 0.5
-    assert dbdnet.loop_lipschitz_bound(lambda conv: 0.8) == pytest.approx(0.4)
+    cert = dbdnet.loop_certificate(lambda w: 0.8)  # every self-loop 0.5 * 0.8: rho = 0.404
+    assert cert.certified and cert.bound == pytest.approx(0.404) and len(cert.weights) == 8
 
 
 @pytest.mark.parametrize("name", list(BASELINES))

@@ -99,18 +99,27 @@ def test_dampening_zero_turns_recurrence_off():
         assert not torch.allclose(model(x)[:, -1], model(x2)[:, -1])
 
 
-def test_recurrent_convs_and_lipschitz_bound():
-    unit = lambda conv: 1.0  # noqa: E731 — every conv at operator norm 1
+def test_recurrent_convs_and_certificate_factors():
+    """The certificate multiplies the per-conv bounds along the loop (here every kernel slice
+    is given bound 1 or 0.5, so the products are exact arithmetic)."""
+    unit = lambda weight: 1.0  # noqa: E731
     assert build_model("vresnet", "none", "denoise", 8).recurrent_convs() == []
-    assert build_model("vresnet", "mf3", "denoise", 8).loop_lipschitz_bound(unit) == 0.0
+    mf3 = build_model("vresnet", "mf3", "denoise", 8).loop_certificate(unit)
+    assert mf3.bound == 0.0 and mf3.certified and "last 3 input frame" in mf3.norm
+    shift = build_model("vresnet", "shift", "denoise", 8).loop_certificate(unit)
+    assert shift.bound == 0.0 and "last 6 input frame" in shift.norm  # window 1 + 5 blocks
     feat = build_model("vdncnn", "feat", "denoise", 8)
-    assert len(feat.recurrent_convs()) == 10 and feat.loop_lipschitz_bound(unit) == 1.0
+    cert = feat.loop_certificate(unit)
+    assert len(feat.recurrent_convs()) == 10 and "weighted" in cert.norm and len(cert.weights) == 10
+    assert 1.0 < cert.bound <= 1.01 and not cert.certified  # self-loops 1: rho = 1.01
     rlsp = build_model("vresnet", "rlsp", "denoise", 8)
     assert len(rlsp.recurrent_convs()) == 11
-    assert rlsp.loop_lipschitz_bound(unit) == 2.0 ** 5  # head * (1 + 1*1)^5
+    assert rlsp.loop_certificate(unit).bound == 2.0 ** 5  # head * (1 + 1*1)^5
     frame = build_model("vdncnn", "frame", "denoise", 8)
-    half = lambda conv: 0.5  # noqa: E731
-    assert frame.loop_lipschitz_bound(half) == pytest.approx(0.5 ** 12)
+    half = lambda weight: 0.5  # noqa: E731
+    assert frame.loop_certificate(half).bound == pytest.approx(0.5 ** 12)  # head, 10 blocks, tail
+    frame.dampening = 0.5
+    assert frame.loop_certificate(half).bound == pytest.approx(0.5 ** 13)
 
 
 def test_he_init_makes_untrained_recurrent_models_diverge():

@@ -164,7 +164,7 @@ def test_measurements_force_the_configured_dampening_and_write_json(tmp_path):
     callback.on_test_end(trainer, module)
     saved = json.loads((tmp_path / "measurements.json").read_text())
     m = saved["metrics"]
-    assert m["eval/dampening"] == 0.0 and m["trf/unbounded"] == 0.0  # λ = 0: no feedback, bounded
+    assert m["eval/dampening"] == 0.0 and m["stability/trf_unbounded"] == 0.0  # λ = 0: no feedback, bounded
     assert abs(m["spectra/sigma1_max"] - 0.5) < 0.02  # SRN-C α = 0.5, refreshed before measuring
     assert m["long/frames"] == 16 and saved["onsets"]["sequences"] == 2 and m["speed/fps"] > 0
     assert json.loads((tmp_path / "device.json").read_text())["test_device"] == "cpu"

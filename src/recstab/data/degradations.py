@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-TASKS = {"denoise": 1, "sr2": 2}  # task name -> spatial scale factor of the output
+from recstab.models.interface import TASKS  # task name -> spatial scale factor of the output
 
 
 def make_generator(seed: int, *keys: int) -> torch.Generator:

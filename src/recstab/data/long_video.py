@@ -18,6 +18,19 @@ size): a file whose frames come out at another size raises, naming it — use
 naming the file, or with ``skip_bad=True`` warns and moves on to the next file
 (frames already decoded from it stay in the stream).
 
+Checking up front. :meth:`LongVideo.probe` opens every file and decodes its first and
+last frame (decord; PyAV decodes the whole file): an empty, garbage or truncated file
+is found before anything long runs. With ``skip_bad`` the unreadable files are
+dropped with a warning naming each and listed in ``LongVideo.skipped`` (path, reason);
+without it they raise, all named. When no readable file remains the error names every
+file and why.
+
+Seeking. :meth:`LongVideo.iter_from` starts the stream at any frame index: whole files
+are skipped by their frame count (decord's, which is exactly what decoding a file to
+its end yields), the first frames of the file the index falls in are skipped by a
+frame-accurate seek (decord) or decoded and dropped (PyAV). A resumed onset test uses
+it to continue where a killed one stopped.
+
 Resizing is done by the decoder's scaler (FFmpeg swscale, as decord and PyAV
 expose it), the cheapest place to do it.
 """
@@ -144,6 +157,8 @@ class LongVideo(IterableDataset):
         if backend == "decord" and importlib.util.find_spec("decord") is None:
             raise ImportError("backend='decord' asked but decord is not installed (use backend='pyav')")
         self.backend = backend
+        self.skipped: list[tuple[Path, str]] = []  # unreadable files dropped (probe) or skipped mid-stream
+        self._counts: dict[Path, int] = {}
 
     def __repr__(self) -> str:
         names = ", ".join(f.name for f in self.files[:4]) + (", ..." if len(self.files) > 4 else "")
@@ -190,16 +205,77 @@ class LongVideo(IterableDataset):
         with av.open(str(path)) as container:
             return container.streams.video[0].frames
 
+    # ------------------------------------------------------------------ checking up front
+    def _probe_file(self, path: Path) -> int:
+        """Frames of `path`, after opening it and decoding its first and last frame; raises
+        :class:`VideoDecodeError` saying why it is unreadable."""
+        if not path.is_file():
+            raise VideoDecodeError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise VideoDecodeError(f"{path}: empty file (0 bytes)")
+        if self.backend == "decord":
+            import decord
+            try:
+                reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+            except Exception as error:
+                raise VideoDecodeError(f"{path}: cannot open as a video ({_first_line(error)})") from error
+            n = len(reader)
+            if n == 0:
+                raise VideoDecodeError(f"{path}: no frames")
+            for i in (0, n - 1):
+                try:
+                    reader.seek_accurate(i)
+                    reader.next().asnumpy()
+                except Exception as error:
+                    raise VideoDecodeError(f"{path}: frame {i} of {n} cannot be decoded, the file is "
+                                           f"truncated or corrupt ({_first_line(error)})") from error
+            return n
+        n = 0
+        try:
+            for _ in self._decode_pyav(path, None):
+                n += 1
+        except VideoDecodeError as error:
+            raise VideoDecodeError(f"{path}: {_first_line(error)}") from error
+        return n
+
+    def probe(self) -> list[tuple[Path, str]]:
+        """Check every file up front; drop (``skip_bad``) or raise on the unreadable ones.
+
+        Returns the files dropped, as (path, reason); they are also in ``self.skipped``.
+        Raises :class:`VideoDecodeError` naming every unreadable file (without ``skip_bad``),
+        or every file and why when none is readable.
+        """
+        good, bad = [], []
+        for path in self.files:
+            try:
+                self._counts[path] = self._probe_file(path)
+                good.append(path)
+            except VideoDecodeError as error:
+                bad.append((path, str(error)))
+        if not good:
+            raise VideoDecodeError(f"no readable video among the {len(self.files)} file(s): "
+                                   + "; ".join(reason for _, reason in bad))
+        if bad and not self.skip_bad:
+            raise VideoDecodeError(f"{len(bad)} unreadable video file(s) (skip_bad=true skips them): "
+                                   + "; ".join(reason for _, reason in bad))
+        for path, reason in bad:
+            warnings.warn(f"skipping unreadable video {path}: {reason}", RuntimeWarning, stacklevel=2)
+        self.files = good
+        self.skipped += bad
+        return bad
+
     # ------------------------------------------------------------------ decoding
-    def _decode_decord(self, path: Path, size):
+    def _decode_decord(self, path: Path, size, skip: int = 0):
         import decord
         kwargs = {} if size is None else {"height": size[0], "width": size[1]}
         try:
             reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **kwargs)
             expected = len(reader)
+            if skip:
+                reader.seek_accurate(skip)
         except Exception as error:
             raise VideoDecodeError(f"cannot open video {path}: {error}") from error
-        for i in range(expected):
+        for i in range(skip, expected):
             try:
                 frame = reader.next().asnumpy()
             except StopIteration:
@@ -209,7 +285,7 @@ class LongVideo(IterableDataset):
             yield _fix_stride(frame)
         del reader
 
-    def _decode_pyav(self, path: Path, size):
+    def _decode_pyav(self, path: Path, size, skip: int = 0):
         import av
         kwargs = {} if size is None else {"height": size[0], "width": size[1]}
         try:
@@ -220,7 +296,8 @@ class LongVideo(IterableDataset):
         try:
             expected = container.streams.video[0].frames if container.streams.video else 0
             for frame in container.decode(video=0):
-                yield frame.to_ndarray(format="rgb24", **kwargs)
+                if i >= skip:
+                    yield frame.to_ndarray(format="rgb24", **kwargs)
                 i += 1
         except VideoDecodeError:
             raise
@@ -231,11 +308,11 @@ class LongVideo(IterableDataset):
         if i == 0 or (expected and i < expected):
             raise VideoDecodeError(f"video {path} is truncated: {i} of {expected or '?'} frames decoded")
 
-    def _frames_of(self, path: Path):
-        """uint8 H×W×3 frames of one file, resized (decoder) and cropped."""
+    def _frames_of(self, path: Path, skip: int = 0):
+        """uint8 H×W×3 frames of one file from frame `skip` on, resized (decoder) and cropped."""
         size = self._target_size(path)
         decode = self._decode_decord if self.backend == "decord" else self._decode_pyav
-        for frame in decode(path, size):
+        for frame in decode(path, size, skip):
             if self.crop is not None:
                 ch, cw = (self.crop, self.crop) if isinstance(self.crop, int) else self.crop
                 h, w = frame.shape[:2]
@@ -260,14 +337,42 @@ class LongVideo(IterableDataset):
         if info is not None and info.num_workers > 1:
             raise ValueError(f"LongVideo is one ordered stream: use at most 1 DataLoader worker, "
                              f"got num_workers={info.num_workers}")
+        return self.iter_from(0)
+
+    def _count(self, path: Path) -> int | None:
+        """Frames decoding `path` to its end yields (decord's count), None when only decoding tells."""
+        if self.backend != "decord":
+            return None
+        if path not in self._counts:
+            self._counts[path] = self._announced_frames(path)
+        return self._counts[path]
+
+    def iter_from(self, start: int):
+        """The stream from frame index `start` on (0-based, over the looped stream)."""
+        if start < 0:
+            raise ValueError(f"start must be a frame index >= 0, got {start}")
+        if self.loop_to is not None and start >= self.loop_to:
+            return
         produced, shape, bad = 0, None, set()
         while True:
             produced_this_pass = 0
             for path in self.files:
                 if path in bad:
                     continue
+                skip = 0
+                count = self._count(path) if produced < start else None
+                if count is not None:  # decord: skip whole files by their count, seek within one
+                    skip = min(count, start - produced)
+                    produced += skip
+                    produced_this_pass += skip
+                    if skip == count:
+                        continue
                 try:
-                    for frame in self._frames_of(path):
+                    for frame in self._frames_of(path, skip):
+                        if produced < start:  # PyAV: decode and drop
+                            produced += 1
+                            produced_this_pass += 1
+                            continue
                         if shape is None:
                             shape = frame.shape
                         elif frame.shape != shape:
@@ -284,11 +389,18 @@ class LongVideo(IterableDataset):
                         raise
                     warnings.warn(f"skipping unreadable video {path}: {error}", RuntimeWarning, stacklevel=2)
                     bad.add(path)
+                    if path not in {p for p, _ in self.skipped}:
+                        self.skipped.append((path, str(error)))
             if self.loop_to is None:
                 return
             if produced_this_pass == 0:
                 raise VideoDecodeError(f"no readable frames in any of {len(self.files)} video file(s) "
                                        f"({', '.join(str(f) for f in self.files[:3])}...)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
 
 
 def _fix_stride(frame: np.ndarray) -> np.ndarray:

@@ -6,18 +6,23 @@
     rep = stability_report(model, "logs/report", clean_frames=LongVideo())   # rep.verdict
 
 - :mod:`.trf`: the TRF stress test (gradient-ascent search for an unstable sequence);
+- :mod:`.lyapunov`: the largest Lyapunov exponent λ₁ of the recurrence (Benettin, JVPs);
 - :mod:`.onsets`: the long-video instability-onset test, and burst-by-burst processing;
+- :mod:`recstab.models.certificate`: ``loop_certificate(model)``, the proven bound of the loop;
 - :mod:`.figure2`: untrained models of every temporal connection on random input;
-- :mod:`.report`: all of it on one model, plus exact conv spectra and a Lipschitz bound.
+- :mod:`.engine`: the one measurement engine (spectra, certificate, TRF, λ₁, onsets, verdict);
+- :mod:`.report`: all of it on one model, written section by section, and a verdict.
 """
 
 from recstab.diagnostics.figure2 import CONNECTIONS, Figure2Result, figure2
 from recstab.diagnostics.onsets import (BurstProcessor, OnsetResult, burst_process, deciles,
                                         instability_onsets)
-from recstab.diagnostics.report import (VERDICTS, StabilityReport, conv_spectra, lipschitz_bound,
-                                        stability_report)
+from recstab.diagnostics.report import VERDICTS, StabilityReport, conv_spectra, stability_report
+from recstab.diagnostics.lyapunov import LyapunovResult, lyapunov_exponent
 from recstab.diagnostics.trf import TRFResult, temporal_receptive_field
+from recstab.models.certificate import LoopCertificate, loop_certificate
 
-__all__ = ["temporal_receptive_field", "TRFResult", "instability_onsets", "OnsetResult", "deciles",
+__all__ = ["temporal_receptive_field", "TRFResult", "lyapunov_exponent", "LyapunovResult",
+           "instability_onsets", "OnsetResult", "deciles",
            "BurstProcessor", "burst_process", "stability_report", "StabilityReport", "VERDICTS",
-           "conv_spectra", "lipschitz_bound", "figure2", "Figure2Result", "CONNECTIONS"]
+           "conv_spectra", "figure2", "Figure2Result", "CONNECTIONS", "loop_certificate", "LoopCertificate"]

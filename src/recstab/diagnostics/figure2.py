@@ -9,7 +9,10 @@ against t. Feedforward connections stay flat; recurrent ones grow geometrically
 until they overflow (the curve stops at the first non-finite output).
 
 A curve *diverges* when an output is non-finite or its RMS exceeds ``blowup``
-(1e6, the TRF's bound: inputs are in [0, 1]).
+(1e6: the inputs are in [0, 1] and every feedforward connection of the figure stays
+below 10² on them, so 10⁶ is four orders of magnitude of growth). This labels the
+curves of the figure; it is not a verdict on a model (the stability report's proofs
+are scale-free, see :mod:`recstab.diagnostics.engine`).
 
 Streamable models run chunk by chunk with ``process`` (constant memory);
 bidirectional ones (``birlsp``) run on the whole sequence at once.
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from recstab.diagnostics.trf import BLOWUP
+BLOWUP = 1e6  # RMS(y_t) above this counts as diverged (inputs and sane outputs are ~[0, 1])
 
 CONNECTIONS = ("none", "mf3", "mf7", "shift", "feat", "frame", "rlsp", "birlsp")
 LABELS = {"none": "single frame", "mf3": "multi-frame (3)", "mf7": "multi-frame (7)",

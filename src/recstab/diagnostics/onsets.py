@@ -27,6 +27,30 @@ Memory is constant in the stream length: frames flow through a bounded queue
 filled by a decode-ahead thread (decoding, the degradation and its noise run there,
 ahead of the model); only 4 bytes of PSNR per frame are kept.
 
+What an instability proves. A frame with PSNR < 0 dB may just be a bad output. It is
+a *feedback divergence* (``OnsetResult.divergent``) when the same input frame processed
+from the initial state gives a finite output y₀, and the output with the carried state
+is not finite or is more than 10⁶ times larger than y₀ (max |y|; ``DIVERGENCE_RATIO``):
+the carried state, not the frame, made the output diverge. The noisy frames from the last reset to that frame
+(``OnsetResult.divergences``, reproducible from (seed, frame index)) are then a
+demonstrated diverging input sequence: a proof that the model is unstable.
+
+Non-finite input. A clean frame holding a NaN or an Inf is an instability of the
+*input*, not of the model: it is not fed to the model, its PSNR is nan, it is listed in
+``input_nonfinite_frames``, the state is reset after it (the frames since the last reset
+are censored, not an onset) and the stream goes on.
+
+Resumable runs. With ``progress=<file>`` the run writes what it has measured every
+``progress_every`` frames (atomically: a temporary file then ``os.replace``): the frames
+done (the stream position), the onsets so far, the PSNR curve, the frames since the last
+reset, the chunk ramp, and the carried state (None right after a reset). The noise of
+frame i is a function of (seed, i), so the position is the whole RNG state. ``resume=True``
+seeks the stream to that position (:meth:`LongVideo.iter_from` seeks in the file; any
+other iterable is read and the frames dropped), restores the state and goes on: the
+onsets equal those of an uninterrupted run. The file also holds the settings and a
+SHA-1 of the model's state_dict; a resume with other settings or another model is
+refused, naming what differs.
+
 Coping strategies of section 3.4 usable here (and in the report):
 
 - feature dampening (appendix F): ``dampening=λ`` sets ``model.dampening`` for the run;
@@ -37,7 +61,10 @@ Coping strategies of section 3.4 usable here (and in the report):
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
+import os
 import queue
 import threading
 import time
@@ -51,6 +78,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from recstab.models.dampening import evaluating
+
+DIVERGENCE_RATIO = 1e6  # max |y| with the carried state over max |y| from the initial state: a divergence
 
 
 # ---------------------------------------------------------------------- burst-by-burst processing
@@ -154,14 +183,23 @@ class OnsetResult:
     unstable_frames: list = field(default_factory=list)  # 0-based stream index of each instability
     tail: int = 0                   # frames since the last reset when the stream ended (censored)
     settings: dict = field(default_factory=dict)
+    divergent: list = field(default_factory=list)  # per onset: a feedback divergence (see the module doc)
+    input_nonfinite_frames: list = field(default_factory=list)  # stream index of each NaN/Inf input frame
+    resumed_from: int | None = None  # frames already done by a killed run this one continued
 
     @property
     def n_onsets(self) -> int:
         return len(self.onsets)
 
     @property
+    def divergences(self) -> list[tuple[int, int]]:
+        """(first, last) stream frame of every feedback divergence: the diverging input sequence."""
+        return [(f - o + 1, f) for o, f, d in zip(self.onsets, self.unstable_frames, self.divergent) if d]
+
+    @property
     def diverged(self) -> bool:
-        return len(self.onsets) > 0
+        """A feedback divergence on a finite input was demonstrated (not merely a bad frame)."""
+        return any(self.divergent)
 
     def to_dict(self) -> dict:
         finite = self.psnr[np.isfinite(self.psnr)]
@@ -169,8 +207,11 @@ class OnsetResult:
                 "onset_d1": float(self.deciles[0]), "onset_d9": float(self.deciles[1]),
                 "fps": self.fps, "model_fps": self.model_fps, "frames": self.frames,
                 "seconds": self.seconds, "unstable_frames": [int(i) for i in self.unstable_frames],
+                "divergent": [bool(d) for d in self.divergent],
+                "feedback_divergences": [list(r) for r in self.divergences],
+                "input_nonfinite_frames": [int(i) for i in self.input_nonfinite_frames],
                 "tail": self.tail, "psnr_median": float(np.median(finite)) if len(finite) else None,
-                "settings": self.settings}
+                "resumed_from": self.resumed_from, "settings": self.settings}
 
     def figure(self):
         """PSNR per frame with the instabilities marked, as in the paper's Fig. 1."""
@@ -184,6 +225,10 @@ class OnsetResult:
         if self.unstable_frames:
             ax.plot(self.unstable_frames, np.zeros(len(self.unstable_frames)), "r*", ms=8,
                     label=f"{self.n_onsets} instabilities")
+        if self.input_nonfinite_frames:
+            ax.plot(self.input_nonfinite_frames, np.zeros(len(self.input_nonfinite_frames)), "kx", ms=6,
+                    label=f"{len(self.input_nonfinite_frames)} non-finite input frames")
+        if self.unstable_frames or self.input_nonfinite_frames:
             ax.legend(loc="lower right")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("frame")
@@ -220,16 +265,30 @@ def _as_frame(frame, index: int) -> torch.Tensor:
     return f.float()
 
 
+def frames_from(clean_frames, start: int):
+    """An iterator over `clean_frames` from stream index `start` on.
+
+    A stream with an ``iter_from(start)`` method (:class:`recstab.data.long_video.LongVideo`
+    seeks in the file) uses it; any other iterable is decoded and the first `start` frames dropped.
+    """
+    if start == 0:
+        return iter(clean_frames)
+    seek = getattr(clean_frames, "iter_from", None)
+    if callable(seek):
+        return seek(start)
+    return itertools.islice(iter(clean_frames), start, None)
+
+
 class _Prefetcher:
     """Decode-ahead thread: turns the frame iterable into (clean, degraded, first index) chunks."""
 
     _END = object()
 
     def __init__(self, frames, chunk: int, degrade, seed: int, make_generator, in_channels: int,
-                 scale: int, max_frames: int | None, depth: int):
+                 scale: int, max_frames: int | None, depth: int, start: int = 0):
         self.frames, self.chunk, self.degrade, self.seed = frames, chunk, degrade, seed
         self.make_generator, self.in_channels, self.scale = make_generator, in_channels, scale
-        self.max_frames = max_frames
+        self.max_frames, self.start = max_frames, start
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.decode_seconds = 0.0
@@ -237,9 +296,9 @@ class _Prefetcher:
             if depth > 0 else None
 
     def _chunks(self):
-        buf, start, shape = [], 0, None
-        iterator = iter(self.frames)
-        i = 0
+        buf, start, shape = [], self.start, None
+        iterator = frames_from(self.frames, self.start)
+        i = self.start
         while self.max_frames is None or i < self.max_frames:
             t = time.perf_counter()
             try:
@@ -251,10 +310,12 @@ class _Prefetcher:
                 if f.shape[0] != self.in_channels:
                     raise ValueError(f"clean frames have {f.shape[0]} channels, the model expects "
                                      f"{self.in_channels}")
-                lo, hi = float(f.min()), float(f.max())
-                if lo < -1e-3 or hi > 1 + 1e-3:
-                    raise ValueError(f"clean frames must be in [0, 1], frame 0 spans [{lo:.3g}, {hi:.3g}]"
-                                     " (divide 8-bit frames by 255)")
+                finite = f[torch.isfinite(f)]
+                if len(finite):
+                    lo, hi = float(finite.min()), float(finite.max())
+                    if lo < -1e-3 or hi > 1 + 1e-3:
+                        raise ValueError(f"clean frames must be in [0, 1], frame {i} spans "
+                                         f"[{lo:.3g}, {hi:.3g}] (divide 8-bit frames by 255)")
                 shape = f.shape
                 h, w = shape[1] - shape[1] % self.scale, shape[2] - shape[2] % self.scale
                 if h == 0 or w == 0:
@@ -315,10 +376,69 @@ class _Prefetcher:
             self.thread.join(timeout=5)
 
 
+# ---------------------------------------------------------------------- progress (resumable runs)
+PROGRESS_VERSION = 1
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-1 of the model's state_dict (names, shapes, bytes): a resumed run must stream the same model."""
+    digest = hashlib.sha1()
+    for name, value in model.state_dict().items():
+        if torch.is_tensor(value):
+            digest.update(name.encode())
+            digest.update(str(tuple(value.shape)).encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _to_device(state, device):
+    if torch.is_tensor(state):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_device(v, device) for v in state)
+    return state
+
+
+def save_progress(path: Path, progress: dict) -> None:
+    """Atomic write: torch.save to a temporary file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(progress, tmp)
+    os.replace(tmp, path)
+
+
+def load_progress(path: Path, identity: dict, device) -> dict | None:
+    """The progress of a killed run with the same `identity`; None when there is none."""
+    if not path.is_file():
+        return None
+    progress = torch.load(path, map_location=device, weights_only=True)
+    if progress.get("version") != PROGRESS_VERSION:
+        raise ValueError(f"{path}: progress file version {progress.get('version')!r}, this code writes "
+                         f"{PROGRESS_VERSION}: delete it to start over")
+    saved = progress["identity"]
+    differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {identity.get(k)!r}" for k in differ)
+        raise ValueError(f"cannot resume from {path}: the run differs ({detail}). Use the same settings, "
+                         "or resume=false to start over")
+    return progress
+
+
+def _stream_identity(clean_frames) -> str:
+    files = getattr(clean_frames, "files", None)
+    if files is not None:  # a LongVideo: its files and decoding settings
+        return repr([str(f) for f in files]) + repr({k: getattr(clean_frames, k, None)
+                                                     for k in ("loop_to", "resize", "crop", "gray")})
+    return type(clean_frames).__name__
+
+
 def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, *, chunk: int = 16,
                        seed: int = 0, task: str | None = None, max_frames: int | None = None,
                        burst: int | None = None, overlap: int = 0, dampening: float | None = None,
-                       prefetch: int = 4, device=None) -> OnsetResult:
+                       prefetch: int = 4, device=None, progress: str | Path | None = None,
+                       progress_every: int = 1024, resume: bool = False) -> OnsetResult:
     """Stream clean frames through ``model.process`` and record the instability onsets.
 
     Args:
@@ -334,6 +454,10 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
         dampening: feature dampening λ for the run (appendix F); None keeps ``model.dampening``.
         prefetch: chunks decoded ahead by the background thread (0: decode synchronously).
         device: default the device of the model's parameters.
+        progress: file the progress is written to (atomically) every ``progress_every`` frames
+            and at the end; None: none.
+        resume: continue from ``progress`` when it holds a killed run of the same model and
+            settings (a finished one is returned as it is); the onsets equal an uninterrupted run's.
     """
     from recstab.data.degradations import Degradation, make_generator
 
@@ -347,6 +471,10 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
         raise ValueError(f"prefetch must be >= 0 chunks, got {prefetch}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if progress_every < 1:
+        raise ValueError(f"progress_every must be >= 1 frame, got {progress_every}")
+    if resume and progress is None:
+        raise ValueError("resume=True needs progress=<file> to resume from")
     task = task or getattr(model, "task", "denoise")
     degrade = Degradation(task, sigma * 255.0)
     runner = model
@@ -364,58 +492,125 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
     in_channels = int(getattr(model, "in_channels", 3))
+    used_dampening = getattr(model, "dampening", None) if dampening is None else float(dampening)
+    settings = {"sigma": sigma, "task": task, "chunk": chunk, "seed": seed, "burst": burst,
+                "overlap": overlap, "dampening": used_dampening, "prefetch": prefetch}
+    progress = None if progress is None else Path(progress)
+    identity = {"sigma": float(sigma), "task": task, "chunk": int(chunk), "seed": int(seed),
+                "burst": burst, "overlap": int(overlap), "dampening": used_dampening,
+                "max_frames": max_frames, "model": model_fingerprint(model),
+                "stream": _stream_identity(clean_frames)}
+
+    # what the run has measured so far (restored from the progress file when resuming)
+    run = {"frames": 0, "since": 0, "step": chunk, "onsets": [], "unstable": [], "divergent": [],
+           "nonfinite": [], "psnr": [], "model_seconds": 0.0, "decode_seconds": 0.0, "seconds": 0.0}
+    state, resumed_from = None, None
+    saved = load_progress(progress, identity, device) if resume else None
+    if saved is not None:
+        run.update({k: saved[k] for k in ("frames", "since", "step", "onsets", "unstable", "divergent",
+                                          "nonfinite", "model_seconds", "decode_seconds", "seconds")})
+        run["psnr"] = [saved["psnr"].cpu().numpy()]
+        state, resumed_from = _to_device(saved["state"], device), run["frames"]
+        if saved["complete"]:
+            return _result(run, settings, resumed_from)
+
+    def checkpoint(complete: bool) -> None:
+        psnr = np.concatenate(run["psnr"]).astype(np.float32) if run["psnr"] else np.zeros(0, np.float32)
+        run["psnr"] = [psnr]
+        save_progress(progress, {"version": PROGRESS_VERSION, "identity": identity, "complete": complete,
+                                 "state": _to_device(state, "cpu"), "psnr": torch.from_numpy(psnr),
+                                 **{k: v for k, v in run.items() if k != "psnr"}})
 
     source = _Prefetcher(clean_frames, chunk, degrade, seed, make_generator, in_channels,
-                         degrade.scale, max_frames, prefetch)
+                         degrade.scale, max_frames, prefetch, start=run["frames"])
     scope = ExitStack()
     scope.enter_context(evaluating(model, dampening))
-    psnr_chunks, onsets, unstable = [], [], []
-    since, state, frames, model_seconds, step = 0, None, 0, 0.0, chunk
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    start = time.perf_counter()
+    start, decode_before, saved_at = time.perf_counter(), run["decode_seconds"], run["frames"]
+    since, step, frames = run["since"], run["step"], run["frames"]
     try:
         with torch.no_grad(), parametrize.cached():
             for clean, noisy, first in source:
                 clean, noisy = clean.to(device, non_blocking=True), noisy.to(device, non_blocking=True)
                 k, i = clean.shape[0], 0
+                # a NaN/Inf in the input is an instability of the input, not of the model: such a
+                # frame is not fed to the model, its PSNR is nan, and the state is reset after it
+                finite_in = (torch.isfinite(clean).flatten(1).all(1) & torch.isfinite(noisy).flatten(1).all(1)).tolist()
                 while i < k:
+                    if not finite_in[i]:
+                        run["nonfinite"].append(frames + i)
+                        run["psnr"].append(np.full(1, np.nan, np.float32))
+                        since, state, i, step = 0, None, i + 1, 1
+                        continue
                     e = min(k, i + step)
+                    if not all(finite_in[i:e]):
+                        e = i + finite_in[i:e].index(False)
                     t = time.perf_counter()
                     y, new_state = runner.process(noisy[None, i:e], state)
                     sync()
-                    model_seconds += time.perf_counter() - t
+                    run["model_seconds"] += time.perf_counter() - t
                     y, target = y[0], clean[i:e]
                     if y.shape != target.shape:
                         raise ValueError(f"model output {tuple(y.shape)} does not match the clean frames "
                                          f"{tuple(target.shape)}: is task={task!r} right?")
-                    psnr = -10 * torch.log10((y - target).square_().flatten(1).mean(dim=1))
+                    psnr = -10 * torch.log10((y - target).square().flatten(1).mean(dim=1))
                     # a non-finite output (or one whose squared error overflows) gives a nan / -inf
                     # PSNR, so one comparison flags both kinds of instability
                     bad = ~(psnr >= 0)
                     psnr = psnr.float().cpu().numpy()
                     hits = torch.nonzero(bad).flatten()
                     if len(hits) == 0:
-                        psnr_chunks.append(psnr)
+                        run["psnr"].append(psnr)
                         since += e - i
                         state, i, step = new_state, e, min(2 * step, chunk)
                     else:
                         j = int(hits[0])
-                        psnr_chunks.append(psnr[:j + 1])
+                        run["psnr"].append(psnr[:j + 1])
                         since += j + 1
-                        onsets.append(since)
-                        unstable.append(frames + i + j)
+                        run["onsets"].append(since)
+                        run["unstable"].append(frames + i + j)
+                        run["divergent"].append(_feedback_divergence(runner, y[j], noisy[None, i + j:i + j + 1]))
                         since, state, i, step = 0, None, i + j + 1, 1
                 frames += k
+                if progress is not None and frames - saved_at >= progress_every:
+                    run.update(frames=frames, since=since, step=step,
+                               decode_seconds=decode_before + source.decode_seconds,
+                               seconds=run["seconds"] + time.perf_counter() - start)
+                    start = time.perf_counter()
+                    checkpoint(complete=False)
+                    saved_at = frames
     finally:
         scope.close()
-    seconds = time.perf_counter() - start
-    psnr_all = np.concatenate(psnr_chunks).astype(np.float32) if psnr_chunks else np.zeros(0, np.float32)
-    settings = {"sigma": sigma, "task": task, "chunk": chunk, "seed": seed, "burst": burst,
-                "overlap": overlap, "dampening": getattr(model, "dampening", None) if dampening is None
-                else dampening, "prefetch": prefetch, "decode_seconds": source.decode_seconds,
-                "model_seconds": model_seconds}
-    return OnsetResult(onsets=onsets, psnr=psnr_all, deciles=deciles(onsets),
+    run.update(frames=frames, since=since, step=step, decode_seconds=decode_before + source.decode_seconds,
+               seconds=run["seconds"] + time.perf_counter() - start)
+    if progress is not None:
+        checkpoint(complete=True)
+    return _result(run, settings, resumed_from)
+
+
+def _feedback_divergence(runner, y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Is the instability at input frame x (1×1×C×H×W, finite) with output y a feedback divergence?
+
+    Yes when the same frame processed from the initial state gives a finite output y₀ and the
+    output with the carried state is not finite, or is more than DIVERGENCE_RATIO times larger
+    (max |y| > 10⁶ · max |y₀|): the carried state, not the frame, made it diverge. The ratio is
+    scale-free: a model multiplied by a constant is judged the same.
+    """
+    fresh = runner.process(x, None)[0][0]
+    if not bool(torch.isfinite(fresh).all()):
+        return False
+    if not bool(torch.isfinite(y).all()):
+        return True
+    return float(y.abs().max()) > DIVERGENCE_RATIO * max(float(fresh.abs().max()), 1e-30)
+
+
+def _result(run: dict, settings: dict, resumed_from: int | None) -> OnsetResult:
+    psnr = np.concatenate(run["psnr"]).astype(np.float32) if run["psnr"] else np.zeros(0, np.float32)
+    frames, seconds, model_seconds = run["frames"], run["seconds"], run["model_seconds"]
+    settings = {**settings, "decode_seconds": run["decode_seconds"], "model_seconds": model_seconds}
+    return OnsetResult(onsets=list(run["onsets"]), psnr=psnr, deciles=deciles(run["onsets"]),
                        fps=frames / seconds if seconds > 0 else math.inf,
                        model_fps=frames / model_seconds if model_seconds > 0 else math.inf,
-                       frames=frames, seconds=seconds, unstable_frames=unstable, tail=since,
-                       settings=settings)
+                       frames=frames, seconds=seconds, unstable_frames=list(run["unstable"]),
+                       tail=run["since"], settings=settings, divergent=list(run["divergent"]),
+                       input_nonfinite_frames=list(run["nonfinite"]), resumed_from=resumed_from)

@@ -1,39 +1,47 @@
 """The one-page stability report: every diagnosis of the paper on one model, and a verdict.
 
-Four measurements (sections 2.1–2.2, 3.1, Tables 2–3):
+Sections, in the order they run (each measured by :mod:`recstab.diagnostics.engine`):
 
-1. the TRF stress test (:mod:`recstab.diagnostics.trf`): gradient-ascent search for an
-   unstable sequence;
-2. the long-video onset test (:mod:`recstab.diagnostics.onsets`): random search on real
-   video, when clean frames are given;
-3. the exact singular-value spectrum of every conv: the linear operator W(K) on an n×n
-   map with circular padding, by FFT (never the reshaped kernel), with its spectral norm
-   ‖W‖₂ and stable rank ‖W‖_F²/‖W‖₂²;
-4. an upper bound L̂ of the Lipschitz constant of the recurrence map in the fed-back
-   state, ``model.loop_lipschitz_bound(conv -> ‖W(conv)‖₂)``: ReLU is 1-Lipschitz, norms
-   multiply along the loop (Proposition 1 of the paper), a residual block is bounded by
-   1 + ‖W1‖‖W2‖, the dampening λ multiplies the loop. The per-conv norms are exact for the
-   circular operator on the n×n frequency grid (n = 64 is within ~0.2 % of the supremum
-   over all frequencies; the zero-padded conv of the model is a restriction of it).
+0. the input check: every file of the long video is opened and its first and last frame
+   decoded (:meth:`LongVideo.probe`) before anything long runs; unreadable files are
+   skipped with a warning and listed, and when none is readable the report stops here,
+   naming every file and why;
+1. ``spectra``: the exact singular-value spectrum of every conv (the operator on an n×n map
+   with circular padding, by FFT, never the reshaped kernel): ‖W‖₂ and the stable rank;
+2. ``certificate``: the loop certificate L̂ (``recstab.diagnostics.loop_certificate``), a
+   proven bound of the recurrence map in the fed-back state, in a stated norm;
+3. ``trf``: the TRF stress test, a gradient-ascent search for a diverging sequence; when it
+   finds one its input X (and the outputs Y) is saved to ``trf_unbounded_sequence.pt`` and
+   replayed, so the proof can be checked by anyone: ``model(torch.load(f)["inputs"][None])``;
+4. ``lyapunov``: the largest Lyapunov exponent λ₁ on the first frames of the long video
+   (degraded as in the onset test; random frames without a video);
+5. ``onsets``: the long-video onset test, resumable (``resume=True`` continues a killed run
+   from ``onsets_progress.pt``; its onsets equal an uninterrupted run's).
 
-Verdict, in this order:
+Verdict (the words match the proofs; :func:`recstab.diagnostics.engine.decide`):
+**certified stable** (a theorem: L̂ < 1), **proven unstable** (a demonstrated diverging
+sequence: the TRF's, saved, or a feedback divergence in the long video on a finite input,
+its frame range named), **empirically stable** (no divergence found and λ₁ < 0, the margin
+stated: evidence), **inconclusive** (anything else; λ₁ > 0 without a divergence is evidence,
+not proof, of instability on the frames named).
 
-- **certified stable**: L̂ < 1. The recurrence map is a contraction (Definition 2), so the
-  model is Lipschitz- hence BIBO-stable: a proof, whatever the search finds. (Frames with
-  PSNR < 0 on such a model are then not a feedback divergence; the summary says so.)
-- **proven unstable**: the TRF is unbounded, or the onset test met an instability. The
-  input found is an unstable sequence (a proof up to the TRF's documented thresholds).
-- **empirically stable**: neither: no unstable sequence was found, nothing is certified.
-
-Output folder: ``trf.png``, ``onsets.png`` (when run), ``spectra.png``, ``report.json``,
-``report.md``; the same numbers and images go to W&B when a run/logger is passed.
+Output folder: ``report.json`` and ``report.md`` are rewritten after every section, so what
+was measured survives a later failure or a kill; a section that fails is recorded with its
+error and the others still run. Also ``trf.png``, ``onsets.png``, ``spectra.png``,
+``trf.pt`` (the TRF result, reused by a resumed run), ``trf_unbounded_sequence.pt`` (when
+unbounded) and ``onsets_progress.pt``. The same numbers and images go to W&B when a
+run/logger is passed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
+import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,174 +49,255 @@ import numpy as np
 import torch
 from torch import nn
 
-from recstab.diagnostics.onsets import BurstProcessor, OnsetResult, instability_onsets
-from recstab.diagnostics.trf import TRFResult, temporal_receptive_field
+from recstab.diagnostics import engine
+from recstab.diagnostics.engine import VERDICTS, ConvSpectra, conv_spectra
+from recstab.diagnostics.onsets import BurstProcessor, OnsetResult
+from recstab.diagnostics.trf import TRFResult
 from recstab.models.dampening import evaluating
 
-VERDICTS = ("certified stable", "proven unstable", "empirically stable")
+log = logging.getLogger(__name__)
+
+__all__ = ["VERDICTS", "StabilityReport", "stability_report", "conv_spectra", "markdown"]
+
+SECTIONS = ("spectra", "certificate", "trf", "lyapunov", "onsets")
+MEANING = {
+    "certified stable": "a theorem: the loop certificate bounds the recurrence map by L̂ < 1 (a contraction)",
+    "proven unstable": "a demonstrated diverging input sequence (saved / named below)",
+    "empirically stable": "evidence, not a proof: no divergence found, and λ₁ < 0 on the input named below",
+    "inconclusive": "neither proven nor certified, and no negative Lyapunov margin to report",
+}
 
 
 @dataclass
 class StabilityReport:
     name: str
-    verdict: str
-    trf: TRFResult
-    onsets: OnsetResult | None
-    convs: list                      # per conv: name, shape, spectral_norm, stable_rank, in_loop
-    lipschitz_bound: float | None
+    verdict: str = "inconclusive"
+    trf: TRFResult | None = None
+    onsets: OnsetResult | None = None
+    spectra: ConvSpectra | None = None
+    certificate: object | None = None            # recstab.models.certificate.LoopCertificate
+    lyapunov: object | None = None               # result of recstab.diagnostics.lyapunov_exponent
+    lyapunov_on: str | None = None               # what λ₁ was measured on, in words
     notes: list = field(default_factory=list)
     files: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
-    spectra: dict = field(default_factory=dict, repr=False)  # conv name -> sorted singular values
+    sections: dict = field(default_factory=dict)  # name -> {"status": done|failed|skipped, "seconds", "error"}
+    skipped_files: list = field(default_factory=list)  # (path, reason) of unreadable videos
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "verdict": self.verdict, "lipschitz_bound": self.lipschitz_bound,
-                "trf": self.trf.to_dict(), "onsets": None if self.onsets is None else self.onsets.to_dict(),
-                "convs": self.convs, "notes": self.notes,
-                "files": {k: str(v) for k, v in self.files.items()}, "settings": self.settings}
+    @property
+    def convs(self) -> list:
+        return self.spectra.rows if self.spectra is not None else []
+
+    @property
+    def bound(self) -> float | None:
+        return None if self.certificate is None else float(self.certificate.bound)
 
     def metrics(self) -> dict:
-        """Flat scalar metrics (``split/name`` keys) for loggers."""
-        out = {"report/certified": float(self.verdict == "certified stable"),
-               "report/proven_unstable": float(self.verdict == "proven unstable"),
-               "report/trf_unbounded": float(self.trf.unbounded), "report/trf_extent": float(self.trf.extent)}
-        if self.lipschitz_bound is not None:
-            out["report/lipschitz_bound"] = float(self.lipschitz_bound)
-        if self.convs:
-            out["report/max_spectral_norm"] = max(c["spectral_norm"] for c in self.convs)
+        """Flat scalar metrics in the engine's namespace (``stability/*``, ``spectra/*``, ``long/*``)."""
+        out = engine.verdict_metrics(self.verdict)
+        if self.spectra is not None:
+            out.update(self.spectra.metrics())
+        out.update(engine.certificate_metrics(self.certificate))
+        if self.trf is not None:
+            out.update(engine.trf_metrics(self.trf))
+        out.update(engine.lyapunov_metrics(self.lyapunov))
         if self.onsets is not None:
-            out.update({"long/onset_d1": self.onsets.deciles[0], "long/onset_d9": self.onsets.deciles[1],
-                        "long/n_onsets": float(self.onsets.n_onsets), "long/fps": self.onsets.fps})
+            out.update(engine.onset_metrics(self.onsets))
         return out
 
-
-def conv_spectra(model: nn.Module, n: int = 64) -> tuple[list, dict, dict]:
-    """Exact spectrum of every nn.Conv2d of `model` on an n×n map.
-
-    Returns (rows of name/shape/spectral_norm/stable_rank/in_loop, {name: sorted singular
-    values}, {id(conv): spectral norm}).
-    """
-    from recstab.norms import conv_singular_values
-
-    loop = {id(c) for c in model.recurrent_convs()} if callable(getattr(model, "recurrent_convs", None)) else set()
-    rows, spectra, norms = [], {}, {}
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Conv2d):
-                continue
-            weight = module.weight.detach().double().cpu()
-            sv = conv_singular_values(weight, n).numpy()
-            spectra[name] = sv
-            sigma = norms[id(module)] = float(sv[0])
-            rows.append({"name": name, "shape": list(weight.shape), "spectral_norm": sigma,
-                         "stable_rank": float((sv ** 2).sum() / sigma ** 2) if sigma > 0 else 0.0,
-                         "in_loop": id(module) in loop})
-    return rows, spectra, norms
-
-
-def lipschitz_bound(model: nn.Module, norms: dict | None = None, n: int = 64) -> float | None:
-    """``model.loop_lipschitz_bound`` with exact FFT spectral norms (None if the model has no such method).
-
-    ``norms`` maps id(conv) -> ‖W‖₂ already computed (else ``spectral_norm_fft(conv.weight, n)``).
-    """
-    if not callable(getattr(model, "loop_lipschitz_bound", None)):
-        return None
-    from recstab.norms import spectral_norm_fft
-    norms = norms or {}
-
-    def conv_norm(conv):
-        if id(conv) in norms:
-            return norms[id(conv)]
-        with torch.no_grad():
-            return spectral_norm_fft(conv.weight.detach().double().cpu(), n)
-    return float(model.loop_lipschitz_bound(conv_norm))
-
-
-def decide(bound: float | None, trf: TRFResult, onsets: OnsetResult | None) -> tuple[str, list]:
-    """The verdict (see the module docstring) and notes on conflicting evidence."""
-    notes = []
-    diverged = trf.unbounded or (onsets is not None and onsets.diverged)
-    if bound is not None and bound < 1:
-        if diverged:
-            notes.append(f"the recurrence is contractive (bound {bound:.3g} < 1) yet "
-                         + ("the TRF reports unbounded" if trf.unbounded else "the onset test met PSNR < 0")
-                         + ": a bounded model with bad outputs, or memory longer than the TRF window, "
-                           "not a feedback divergence")
-        return "certified stable", notes
-    if diverged:
-        return "proven unstable", notes
-    if bound is not None:
-        notes.append(f"Lipschitz bound {bound:.3g} ≥ 1: not certified (the bound is loose)")
-    return "empirically stable", notes
+    def to_dict(self) -> dict:
+        cert = self.certificate
+        lyap = None if self.lyapunov is None else {**self.lyapunov.to_dict(), "input": self.lyapunov_on}
+        return {"name": self.name, "verdict": self.verdict, "meaning": MEANING[self.verdict],
+                "metrics": self.metrics(), "sections": self.sections,
+                "skipped_files": [{"path": str(p), "reason": r} for p, r in self.skipped_files],
+                "certificate": None if cert is None else {"bound": float(cert.bound), "certified": cert.certified,
+                                                          "norm": cert.norm},
+                "trf": None if self.trf is None else self.trf.to_dict(),
+                "lyapunov": lyap, "onsets": None if self.onsets is None else self.onsets.to_dict(),
+                "convs": self.convs, "spectra_skipped": {} if self.spectra is None else self.spectra.skipped,
+                "notes": self.notes, "files": {k: str(v) for k, v in self.files.items()},
+                "settings": self.settings}
 
 
 def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None, name: str | None = None,
                      sigma: float = 30 / 255, task: str | None = None, trf_kwargs: dict | None = None,
-                     onset_kwargs: dict | None = None, spectra_n: int = 64, burst: int | None = None,
-                     overlap: int = 0, dampening: float | None = None, run=None) -> StabilityReport:
+                     onset_kwargs: dict | None = None, lyapunov_kwargs: dict | None = None,
+                     spectra_n: int = 64, burst: int | None = None, overlap: int = 0,
+                     dampening: float | None = None, resume: bool = False, run=None) -> StabilityReport:
     """Diagnose `model` and write the report folder; return a :class:`StabilityReport`.
 
     Args:
-        model: the nn.Module (``model(x)``; ``process`` for the onset test; ``recurrent_convs`` and
-            ``loop_lipschitz_bound`` for the certificate, when it has them).
-        out_dir: folder for the PNGs, report.json and report.md (created).
-        clean_frames: iterable of clean C×H×W frames (e.g. a LongVideo) for the onset test; None skips it.
-        sigma, task: degradation of the onset test (sigma on the [0, 1] scale).
+        model: the nn.Module (``model(x)``; ``process`` for the onset test and λ₁; a
+            :class:`recstab.models.interface.VideoModel` for the loop certificate).
+        out_dir: folder for report.json/md, the PNGs and the .pt files (created).
+        clean_frames: iterable of clean C×H×W frames (e.g. a LongVideo) for λ₁ and the onset test;
+            a LongVideo is probed first (unreadable files skipped, or the report stops before
+            measuring anything when none is readable). None: λ₁ on random frames, no onset test.
+        sigma, task: degradation of the onset test and of λ₁'s clip (sigma on the [0, 1] scale).
         trf_kwargs: arguments of :func:`temporal_receptive_field` (frames, size, iters, lr, seed, ...).
-        onset_kwargs: further arguments of :func:`instability_onsets` (chunk, seed, max_frames, ...).
+        onset_kwargs: further arguments of :func:`instability_onsets` (chunk, seed, max_frames,
+            progress_every, ...).
+        lyapunov_kwargs: ``frames`` (clip length, default 200; 0 turns λ₁ off), ``size`` (centre
+            crop, default 64), the rest goes to :func:`recstab.diagnostics.lyapunov_exponent`.
         spectra_n: map size n of the exact conv spectra.
         burst, overlap: diagnose the model run burst by burst (appendix E) instead.
         dampening: diagnose the model with feature dampening λ (appendix F).
+        resume: continue a killed report in the same folder: the onset test from its progress
+            file, the TRF from trf.pt when its settings match.
         run: W&B run or Lightning WandbLogger to log to (optional).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = name or type(model).__name__
     trf_kwargs, onset_kwargs = dict(trf_kwargs or {}), dict(onset_kwargs or {})
+    lyapunov_kwargs = dict(lyapunov_kwargs or {})
+    lyap_frames, lyap_size = int(lyapunov_kwargs.pop("frames", 200)), lyapunov_kwargs.pop("size", 64)
+    task = task or getattr(model, "task", None)
+    report = StabilityReport(name=name or type(model).__name__)
+    report.settings = {"sigma": sigma, "task": task, "spectra_n": spectra_n, "burst": burst, "overlap": overlap,
+                       "dampening": getattr(model, "dampening", None) if dampening is None else dampening,
+                       "trf": trf_kwargs, "onsets": onset_kwargs,
+                       "lyapunov": {"frames": lyap_frames, "size": lyap_size, **lyapunov_kwargs}}
+    report.files = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
     start = time.perf_counter()
-    files: dict = {}
+
+    # 0. the input: every file readable? (before anything long runs; raises naming every file)
+    probe = getattr(clean_frames, "probe", None)
+    if callable(probe):
+        probe()
+    report.skipped_files = list(getattr(clean_frames, "skipped", []))
+
+    def write() -> None:
+        report.verdict, report.notes = _decide(report, burst)
+        if burst is not None:
+            report.notes.append(f"diagnosed burst by burst (burst={burst}, overlap={overlap}); the certificate "
+                                "is the underlying model's")
+        for path, reason in report.skipped_files:
+            report.notes.append(f"skipped unreadable video {path}: {reason}")
+        report.settings["seconds"] = time.perf_counter() - start
+        _atomic_write(report.files["json"], json.dumps(report.to_dict(), indent=2, default=_json_default))
+        _atomic_write(report.files["markdown"], markdown(report))
+
+    def section(key: str, measure) -> None:
+        t = time.perf_counter()
+        try:
+            status = measure() or "done"
+            report.sections[key] = {"status": status, "seconds": time.perf_counter() - t}
+        except Exception as error:  # recorded, the other sections still run
+            log.error("report section %s failed: %s", key, error, exc_info=True)
+            report.sections[key] = {"status": "failed", "seconds": time.perf_counter() - t,
+                                    "error": f"{type(error).__name__}: {error}",
+                                    "traceback": traceback.format_exc(limit=8)}
+        write()
+
     with evaluating(model, dampening):
         subject = BurstProcessor(model, burst, overlap) if burst is not None else model
-        trf = temporal_receptive_field(subject, **trf_kwargs)
-        files["trf"] = trf.save_png(out_dir / "trf.png")
 
-        onsets, notes = None, []
-        if clean_frames is not None:
+        def spectra():
+            report.spectra = conv_spectra(model, spectra_n)
+            if report.spectra.values:
+                report.files["spectra"] = _save_spectra(report.spectra, out_dir / "spectra.png")
+
+        def certificate():
+            report.certificate = engine.certificate(model)
+            if report.certificate is None:
+                return "skipped: the model is not a VideoModel (no loop structure stated)"
+
+        def trf():
+            report.trf = _load_trf(out_dir, trf_kwargs) if resume else None
+            if report.trf is None:
+                report.trf = engine.trf(subject, **trf_kwargs)
+                torch.save({"settings": trf_kwargs, "result": _fields(report.trf)}, out_dir / "trf.pt")
+            report.files["trf"] = report.trf.save_png(out_dir / "trf.png")
+            if report.trf.verdict == "unbounded":
+                report.files["trf_sequence"] = _save_sequence(subject, report.trf, out_dir)
+
+        def lyapunov():
+            if lyap_frames == 0:
+                return "skipped: lyapunov.frames = 0"
+            if burst is not None:
+                return "skipped: burst-by-burst processing resets the state (finite memory)"
+            if not getattr(model, "streamable", True):
+                return "skipped: the model is bidirectional (no forward recurrence to measure)"
+            seed = int(onset_kwargs.get("seed", 0))
+            clip = engine.lyapunov_input(model, clean_frames, lyap_frames, sigma=sigma, task=task, seed=seed,
+                                         size=lyap_size)
+            report.lyapunov_on = clip.description
+            report.lyapunov = engine.lyapunov(model, clip.clip, **lyapunov_kwargs)
+
+        def onsets():
+            if clean_frames is None:
+                return "skipped: no clean frames given"
             if burst is None and not getattr(model, "streamable", True):
-                notes.append("onset test skipped: the model is bidirectional (not streamable); use burst=")
-            else:
-                onsets = instability_onsets(model, clean_frames, sigma, task=task, burst=burst,
-                                            overlap=overlap, **onset_kwargs)
-                files["onsets"] = onsets.save_png(out_dir / "onsets.png")
-        else:
-            notes.append("onset test not run (no clean frames given)")
+                return "skipped: the model is bidirectional (not streamable); use burst="
+            try:
+                report.onsets = engine.onsets(model, clean_frames, sigma, task=task, burst=burst, overlap=overlap,
+                                              progress=out_dir / "onsets_progress.pt", resume=resume,
+                                              **onset_kwargs)
+            finally:  # files skipped mid-stream, even when the stream then failed
+                report.skipped_files = list(getattr(clean_frames, "skipped", report.skipped_files))
+            report.files["onsets"] = report.onsets.save_png(out_dir / "onsets.png")
+            report.files["onsets_progress"] = out_dir / "onsets_progress.pt"
 
-        convs, spectra, norms = conv_spectra(model, spectra_n)
-        if spectra:
-            files["spectra"] = _save_spectra(spectra, convs, out_dir / "spectra.png")
-        bound = lipschitz_bound(model, norms, spectra_n)
-        dampening_used = getattr(model, "dampening", None)
+        for key, measure in zip(SECTIONS, (spectra, certificate, trf, lyapunov, onsets)):
+            section(key, measure)
 
-    verdict, conflict = decide(bound, trf, onsets)
-    notes += conflict
-    if burst is not None:
-        notes.append(f"diagnosed burst by burst (burst={burst}, overlap={overlap}); the Lipschitz bound "
-                     "is the underlying model's")
-    if bound is None:
-        notes.append("no Lipschitz bound: the model has no loop_lipschitz_bound(conv_norm)")
-    settings = {"sigma": sigma, "task": task or getattr(model, "task", None), "spectra_n": spectra_n,
-                "burst": burst, "overlap": overlap, "dampening": dampening_used, "trf": trf_kwargs,
-                "onsets": onset_kwargs, "seconds": time.perf_counter() - start}
-    report = StabilityReport(name=name, verdict=verdict, trf=trf, onsets=onsets, convs=convs,
-                             lipschitz_bound=bound, notes=notes, files=files, settings=settings,
-                             spectra=spectra)
-    files["json"] = out_dir / "report.json"
-    files["markdown"] = out_dir / "report.md"
-    files["json"].write_text(json.dumps(report.to_dict(), indent=2, default=_json_default))
-    files["markdown"].write_text(markdown(report))
     if run is not None:
         log_report(run, report)
     return report
+
+
+def _decide(report: StabilityReport, burst: int | None) -> tuple[str, list]:
+    verdict, notes = engine.decide(report.certificate, report.trf, report.onsets, report.lyapunov,
+                                   measured_on=report.lyapunov_on, finite_memory=burst)
+    if "trf_sequence" in report.files and report.trf is not None and report.trf.verdict == "unbounded":
+        notes.append(f"the diverging TRF sequence is saved in {Path(report.files['trf_sequence']).name} "
+                     "(inputs X, outputs Y; replay: model(X[None]))")
+    for key, info in report.sections.items():
+        if info["status"] == "failed":
+            notes.append(f"section {key} FAILED: {info['error']}")
+    return verdict, notes
+
+
+def _fields(result) -> dict:
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+
+
+def _load_trf(out_dir: Path, trf_kwargs: dict) -> TRFResult | None:
+    """The TRF a killed run of this report already computed, when its settings are these."""
+    path = out_dir / "trf.pt"
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=False)  # written by this module, next to the report
+    if saved.get("settings") != trf_kwargs:
+        return None
+    try:
+        return TRFResult(**saved["result"])
+    except TypeError:  # written by another version of TRFResult
+        return None
+
+
+def _save_sequence(subject: nn.Module, trf: TRFResult, out_dir: Path) -> Path:
+    """Save the TRF's diverging sequence and replay it: the proof, checkable by anyone."""
+    path = out_dir / "trf_unbounded_sequence.pt"
+    with torch.no_grad():
+        param = next(iter(subject.parameters()), None)
+        x = trf.inputs.to(param.device if param is not None else "cpu")
+        replay = subject(x[None])[0].cpu()
+    saved = trf.outputs.cpu()
+    both = torch.isfinite(replay) & torch.isfinite(saved)
+    agree = bool(torch.equal(torch.isfinite(replay), torch.isfinite(saved))) and bool(
+        torch.allclose(replay[both], saved[both], rtol=1e-3, atol=1e-4))
+    torch.save({"inputs": trf.inputs.cpu(), "outputs": saved, "verdict": trf.verdict, "reason": trf.reason,
+                "replayed_outputs_agree": agree,
+                "how": "y = model(inputs[None]) from the initial state, in eval mode; inputs are in [0, 1]"}, path)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _json_default(value):
@@ -229,42 +318,67 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(report: StabilityReport) -> str:
     """The one-page summary."""
-    t, o = report.trf, report.onsets
-    lines = [f"# Stability report: {report.name}", "", f"**Verdict: {report.verdict}**", ""]
-    lines += ["| measurement | value |", "|---|---|",
-              f"| Lipschitz upper bound of the recurrence map | {_fmt(report.lipschitz_bound)} |",
-              f"| TRF verdict | {t.verdict}{' (stopped early)' if t.stopped_early else ''} |",
-              f"| TRF extent (frames) | {t.extent} of {t.tau + 1} |",
-              f"| TRF iterations | {t.iterations} ({t.seconds:.1f} s) |",
-              f"| TRF reason | {t.reason.replace('|', chr(92) + '|')} |"]
+    t, o, c, le = report.trf, report.onsets, report.certificate, report.lyapunov
+    lines = [f"# Stability report: {report.name}", "", f"**Verdict: {report.verdict}** — {MEANING[report.verdict]}", ""]
+    lines += ["| section | status |", "|---|---|"]
+    lines += [f"| {k} | {_cell(report.sections[k]['status'])}"
+              f"{' — ' + _cell(report.sections[k]['error']) if 'error' in report.sections[k] else ''} |"
+              for k in SECTIONS if k in report.sections]
+    lines += [f"| {k} | not run yet |" for k in SECTIONS if k not in report.sections]
+    lines += ["", "| measurement | value |", "|---|---|"]
+    if c is not None:
+        lines += [f"| loop certificate L̂ (proven bound of the recurrence map) | {_fmt(float(c.bound))} |",
+                  f"| ... in the norm | {_cell(c.norm)} |"]
+    if t is not None:
+        growth = getattr(t, "growth_rate", None)
+        lines += [f"| TRF verdict | {t.verdict}{' (stopped early)' if t.stopped_early else ''} |",
+                  f"| TRF extent (frames) | {t.extent} of {t.tau + 1} |",
+                  f"| TRF growth rate | {_fmt(None if growth is None else float(growth))} |",
+                  f"| TRF iterations | {t.iterations} ({t.seconds:.1f} s) |",
+                  f"| TRF reason | {_cell(t.reason)} |"]
+    if le is not None:
+        lines += [f"| largest Lyapunov exponent λ₁ (per frame) | {float(le.exponent):+.4g} ± {float(le.stderr):.2g} |",
+                  f"| ... measured on | {_cell(report.lyapunov_on)} |"]
     if o is not None:
-        lines += [f"| onset test: frames | {o.frames} |",
-                  f"| onset test: instabilities | {o.n_onsets} |",
+        lines += [f"| onset test: frames | {o.frames}{f' (resumed at {o.resumed_from})' if o.resumed_from else ''} |",
+                  f"| onset test: instabilities (feedback divergences) | {o.n_onsets} ({sum(o.divergent)}) |",
                   f"| onset 1st / 9th decile | {_fmt(o.deciles[0])} / {_fmt(o.deciles[1])} |",
+                  f"| input frames with NaN/Inf | {len(o.input_nonfinite_frames)} |",
                   f"| onset test: fps (model only) | {o.fps:.1f} ({o.model_fps:.1f}) |"]
         finite = o.psnr[np.isfinite(o.psnr)]
         if len(finite):
             lines.append(f"| median PSNR (dB, raw output) | {float(np.median(finite)):.2f} |")
-    lines += ["", "Thresholds: TRF influence > "
-              f"{t.threshold:g} of the largest counts, |y| > {t.blowup:g} proves divergence; an instability "
-              "is a frame with PSNR < 0 dB or a non-finite output; certified when the bound is < 1.", ""]
+    if t is not None:
+        lines += ["", f"Thresholds: TRF influence > {t.threshold:g} of the largest counts, unbounded needs it at x_-τ "
+                  f"and outputs diverging at > {t.growth_tol:g}/frame (2 s.e.); an instability is a frame with PSNR < 0 dB or a non-finite output, a "
+                  "feedback divergence one whose output diverged (non-finite or |y| > 1e6) with the carried "
+                  "state and not from the initial state; certified when the bound is < 1."]
+    lines.append("")
     if report.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    if report.skipped_files:
+        lines += ["## Skipped files", ""] + [f"- `{p}`: {r}" for p, r in report.skipped_files] + [""]
+    if o is not None and o.input_nonfinite_frames:
+        shown = ", ".join(map(str, o.input_nonfinite_frames[:20]))
+        lines += ["## Non-finite input frames", "", shown + (" ..." if len(o.input_nonfinite_frames) > 20 else ""), ""]
     if report.convs:
-        lines += ["## Convolutions (exact spectra, n = "
-                  f"{report.settings['spectra_n']})", "",
+        lines += [f"## Convolutions (exact spectra, n = {report.spectra.n})", "",
                   "| conv | shape | ‖W‖₂ | stable rank | in loop |", "|---|---|---|---|---|"]
-        lines += [f"| {c['name']} | {'×'.join(map(str, c['shape']))} | {c['spectral_norm']:.4g} | "
-                  f"{c['stable_rank']:.4g} | {'yes' if c['in_loop'] else ''} |" for c in report.convs]
+        lines += [f"| {r['name']} | {'×'.join(map(str, r['shape']))} | {r['sigma1']:.4g} | "
+                  f"{r['srank']:.4g} | {'yes' if r['in_loop'] else ''} |" for r in report.convs]
         lines.append("")
     lines += ["## Figures", ""] + [f"![{k}]({Path(v).name})" for k, v in report.files.items()
                                    if str(v).endswith(".png")]
     return "\n".join(lines) + "\n"
 
 
-def _save_spectra(spectra: dict, convs: list, path: Path) -> Path:
+def _save_spectra(spectra: ConvSpectra, path: Path) -> Path:
     """Every conv's spectrum against its normalised index, and their average (Table 2's column)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -273,7 +387,8 @@ def _save_spectra(spectra: dict, convs: list, path: Path) -> Path:
     grid = np.linspace(0, 1, 200)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     curves = []
-    for (name, sv), row in zip(spectra.items(), convs):
+    for row in spectra.rows:
+        sv = spectra.values[row["name"]]
         x = np.linspace(0, 1, len(sv))
         curves.append(np.interp(grid, x, sv))
         ax.plot(x, sv, lw=0.8, alpha=0.5, color="r" if row["in_loop"] else "0.5")
@@ -297,4 +412,4 @@ def log_report(run, report: StabilityReport) -> None:
         if str(path).endswith(".png"):
             payload[f"report/{key}"] = wandb.Image(str(path))
     experiment.log(payload)
-    experiment.summary["report/verdict"] = report.verdict
+    experiment.summary["stability/verdict"] = report.verdict

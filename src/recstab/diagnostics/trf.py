@@ -8,41 +8,63 @@ maximise |p|, p the centre pixel of the output frame y_0 summed over channels:
     max_{0 ≤ X ≤ 1} |p|                                              (eq. 3)
 
 How it is solved here: X starts uniform in [0, 1] (seeded); each iteration runs
-the model on X, takes g = ∂|p|/∂X, makes one Adam step *ascending* |p| and then
-clamps X back into [0, 1] (projected gradient ascent; the prototype of DESIGN.md,
-lr 0.05). The model's weights are never touched: gradients are taken with
-``torch.autograd.grad`` with respect to X only, in eval mode, so the test can run
-in the middle of a training run.
+the model on X, takes g = ∂|p|/∂X, makes one Adam step *ascending* |p| (lr 0.05)
+and clamps X back into [0, 1] (projected gradient ascent). The model's weights are
+never touched: gradients are taken with ``torch.autograd.grad`` with respect to X
+only, in eval mode, so the test can run in the middle of a training run.
 
-Measurements and their thresholds (all documented defaults, all arguments):
+The paper reads two things off the result, and calls the TRF unbounded only when
+BOTH hold: (1) input frames in the distant past still drive p, and (2) output frames
+in the distant future diverge. Both are measured here as *rates*, relative to the
+model's own scale, never as magnitudes (h_t = 0.5·h_{t-1} + 1e7·x_t has outputs of
+1e7 and is perfectly stable; multiplying a model by a constant changes no verdict).
 
-- influence_t = ‖∂p/∂x_t‖², the gradient energy of p per input frame, divided by
-  its maximum over t (so the most influential frame has 1). It is measured at the
-  last X the search evaluated.
-- ``extent`` = 1 + the largest k ≥ 0 such that influence_{-k} > ``threshold``
-  (1e-6): the number of frames, the current one included, of the window of past
-  frames that still drive p. A single-frame model has extent 1, a causal mf7
-  model 7, h_t = 0.5·h_{t-1} + 0.2·x_t has influence 0.25^k and extent 10.
-- verdict "unbounded" when divergence is *proven*, i.e. any of
-    1. an output, p or the gradient is not finite;
-    2. some output value exceeds ``blowup`` in magnitude (1e6: inputs are in
-       [0, 1] and a restoration model outputs about [0, 1]; even an untrained
-       He-initialised feedforward backbone stays orders of magnitude below);
-    3. the distant past still drives p: the oldest frame x_-τ has influence above
-       ``threshold`` (extent = τ + 1, the TRF fills the whole window).
-  Otherwise "bounded" (nothing unstable was found; reasonable, not certain,
-  evidence of stability). Conditions 1 and 2 are checked at every iteration and
-  stop the search early (``stopped_early``, ``reason``): the X found is then an
-  unstable sequence, a proof that the model is unstable. Condition 3 is judged on
-  the final X (the search goes on: memory is what the optimisation reveals); the
-  iteration where it first held is reported as ``memory_unbounded_at``.
+1. Influence of the past. influence_t = ‖∂p/∂x_t‖², divided by its maximum over t
+   (the most influential frame has 1), at the last X evaluated.
+   - ``extent`` = 1 + the largest k ≥ 0 with influence_{-k} > ``threshold`` (1e-6):
+     the past frames, the current one included, that still drive p. A single-frame
+     model has extent 1, a causal 7-frame window 7, h_t = 0.5·h_{t-1} + 0.2·x_t
+     (influence 0.25^k) extent 10.
+   - ``growth_rate`` r, ``growth_stderr`` s: least-squares slope of
+     ½·log influence_{-k} = log ‖∂p/∂x_{-k}‖ against the lag k = 1 … τ (the lags with a
+     non-zero influence; the current frame k = 0 is left out, it also reaches p through
+     skip connections), and the slope's standard error from the fit residuals. Per
+     frame, natural log: negative = the influence decays into the past; log a for
+     h_t = a·h_{t-1} + b·x_t whatever b. Fewer than 3 non-zero lags: r = -inf (finite
+     memory).
+2. Growth of the future. The tangent response u_t = (∂y_t/∂x_-τ)·v of every output
+   frame to a perturbation v (Gaussian, seeded) of the *oldest* frame, a
+   Jacobian-vector product (forward mode; see :func:`recstab.diagnostics.lyapunov.jvp`):
+   the linearised difference between two runs that differ only in the distant past.
+   ``future_rate``, ``future_stderr``: least-squares slope of log ‖u_t‖ over the future
+   frames t = 1 … τ (those with ‖u_t‖ > 0; fewer than 3: -inf, the perturbation died).
+   A linear map contributes no noise floor: u_t is exact where a finite difference of
+   two float32 runs would bottom out at the rounding error.
 
-A stable-but-slow model (e.g. h_t = 0.99·h_{t-1} + x_t) also fills an 81-frame
-window and is reported unbounded: the test cannot tell memory longer than τ from
-instability, exactly like the paper's visual reading of the TRF picture.
+A rate r ± s is *growth* when r − 2s > ``growth_tol`` and *decay* when
+r + 2s < −``growth_tol``, with growth_tol = 0.01 per frame (1 %: e^{0.4} ≈ 1.5× over
+the paper's 40 future frames). The verdict:
+
+- "unbounded": an output, p or ∂p/∂X is not finite (X is always finite, so the model
+  produced it), or the distant past drives p (influence of x_-τ > threshold) AND the
+  future grows (future_rate is growth, or u_t overflows while y stays finite). X is
+  then an unstable sequence. The search stops early on either: non-finite values are
+  checked at every iteration, the future growth at iteration 0 and every
+  ``check_every`` (10) iterations while the past condition holds, and at the end.
+- "bounded": the past dies out — extent ≤ τ, or growth_rate is decay (geometric decay
+  resolved inside the window; the reason gives the lag where it would cross the
+  threshold, ln(threshold)/(2r)) — AND the future does not grow (future_rate ≤ growth_tol).
+  Nothing unstable was found: reasonable, not certain, evidence of stability.
+- "inconclusive" otherwise, with the reason: e.g. the influence fills the window and
+  decays too slowly to be resolved (h_t = 0.999·h_{t-1} + x_t), or the future rate is
+  positive but not significantly above growth_tol.
+
+``stopped_early`` and ``reason`` say what ended the search and why the verdict.
+τ ≥ 3 (frames ≥ 7) is needed to fit a future rate at all.
 
 The picture (:meth:`TRFResult.save_png`) has the paper's two rows X and Y every 5
-frames from -τ to +τ, plus a strip with the influence and the output RMS per frame.
+frames from -τ to +τ, the influence on a log scale against t with its fitted line,
+and the future response ‖u_t‖ (relative) with its fitted line and the output RMS.
 """
 
 from __future__ import annotations
@@ -58,11 +80,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from recstab.diagnostics.lyapunov import jvp
 from recstab.models.dampening import evaluating
 
-THRESHOLD = 1e-6   # relative gradient energy below which a past frame has no influence on p
-BLOWUP = 1e6       # |y| above this proves divergence (inputs and sane outputs are ~[0, 1])
-LR = 0.05          # Adam step on X (pixel units)
+THRESHOLD = 1e-6    # relative gradient energy below which a past frame has no influence on p
+GROWTH_TOL = 0.01   # per frame: a log-rate r ± s grows when r - 2s > GROWTH_TOL, decays when r + 2s < -GROWTH_TOL
+LR = 0.05           # Adam step on X (pixel units)
+CHECK_EVERY = 10    # iterations between two measurements of the future growth (while the past drives p)
+TRF_VERDICTS = ("bounded", "unbounded", "inconclusive")
 
 
 @dataclass
@@ -72,18 +97,22 @@ class TRFResult:
     inputs: torch.Tensor            # X, T×C×H×W in [0, 1]
     outputs: torch.Tensor           # Y, T×C×sH×sW (raw, unclamped; may hold inf/nan)
     influence: np.ndarray           # (T,) ‖∂p/∂x_t‖² / max_t, at the last evaluated X
-    verdict: str                    # "bounded" | "unbounded"
+    verdict: str                    # "bounded" | "unbounded" | "inconclusive"
     extent: int                     # frames of the past window (current included) that drive p
     reason: str                     # why the verdict, in words
-    stopped_early: bool             # divergence proven before `iters` iterations
+    stopped_early: bool             # the search ended before `iters` iterations (divergence shown)
     iterations: int                 # iterations actually run
     tau: int
+    growth_rate: float = math.nan   # slope of log ‖∂p/∂x_{-k}‖ vs lag k, per frame (negative = decay)
+    growth_stderr: float = math.nan
+    future_rate: float = math.nan   # slope of log ‖∂y_t/∂x_-τ · v‖ over t = 1 … τ (positive = divergence)
+    future_stderr: float = math.nan
+    future_response: np.ndarray = None  # (T,) ‖∂y_t/∂x_-τ · v‖ / max_t
     p_history: list = field(default_factory=list)   # |p| per iteration
     output_rms: np.ndarray = None   # (T,) RMS of each output frame
     seconds: float = 0.0
-    memory_unbounded_at: tuple | None = None  # (iteration, seconds) when x_-τ first drove p (criterion 3)
     threshold: float = THRESHOLD
-    blowup: float = BLOWUP
+    growth_tol: float = GROWTH_TOL
 
     @property
     def unbounded(self) -> bool:
@@ -94,26 +123,28 @@ class TRFResult:
         return np.arange(-self.tau, self.tau + 1)
 
     def to_dict(self) -> dict:
-        """JSON-ready numbers (no tensors)."""
+        """JSON-ready numbers (no tensors; ±inf/nan stay floats)."""
         return {
             "verdict": self.verdict, "extent": self.extent, "reason": self.reason,
+            "growth_rate": self.growth_rate, "growth_stderr": self.growth_stderr,
+            "future_rate": self.future_rate, "future_stderr": self.future_stderr,
             "stopped_early": self.stopped_early, "iterations": self.iterations, "tau": self.tau,
             "p_final": self.p_history[-1] if self.p_history else float("nan"),
             "influence": [float(v) for v in self.influence],
+            "future_response": [float(v) for v in self.future_response],
             "output_rms": [float(v) for v in self.output_rms],
-            "threshold": self.threshold, "blowup": self.blowup, "seconds": self.seconds,
-            "memory_unbounded_at": self.memory_unbounded_at,
+            "threshold": self.threshold, "growth_tol": self.growth_tol, "seconds": self.seconds,
         }
 
     def figure(self, every: int = 5):
-        """The paper's TRF picture: rows X and Y every `every` frames, plus influence/RMS curves."""
+        """The paper's TRF picture: rows X and Y every `every` frames, influence and future response."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         cols = [t for t in range(-(self.tau // every) * every, self.tau + 1, every)]
-        fig = plt.figure(figsize=(max(6.0, 0.75 * len(cols)), 4.2))
-        grid = fig.add_gridspec(3, len(cols), height_ratios=[1, 1, 1.3], hspace=0.15, wspace=0.05)
+        fig = plt.figure(figsize=(max(6.0, 0.75 * len(cols)), 6.0))
+        grid = fig.add_gridspec(4, len(cols), height_ratios=[1, 1, 1.3, 1.3], hspace=0.25, wspace=0.05)
         for j, t in enumerate(cols):
             for row, (name, seq) in enumerate((("X", self.inputs), ("Y", self.outputs))):
                 ax = fig.add_subplot(grid[row, j])
@@ -128,16 +159,35 @@ class TRFResult:
         shown = np.where(self.influence > 0, self.influence, np.nan)  # future frames of a causal model: 0
         ax.semilogy(self.times, shown, "b.-", label="influence ‖∂p/∂x_t‖² (rel.)")
         ax.axhline(self.threshold, color="b", ls=":", lw=0.8)
+        lags = np.arange(1, self.tau + 1)
+        if math.isfinite(self.growth_rate) and np.isfinite(self.influence).all() and (self.influence[:self.tau] > 0).any():
+            k, lv = _fit_points(self.influence[:self.tau][::-1] ** 0.5, lags)
+            _, c = _line(lv, k)
+            ax.semilogy(-k, np.exp(2 * (c + self.growth_rate * k)), "k--", lw=0.8,
+                        label=f"fit: rate {self.growth_rate:+.3g}/frame")
+        ax.set_xlim(-self.tau - 0.5, self.tau + 0.5)
+        ax.set_ylabel("influence")
+        ax.legend(fontsize=7, loc="lower right")
+        ax = fig.add_subplot(grid[3, :])
+        resp = self.future_response if self.future_response is not None else np.zeros(0)
+        if len(resp):
+            ax.semilogy(self.times, np.where(resp > 0, resp, np.nan), "g.-", label="‖∂y_t/∂x_-τ·v‖ (rel.)")
+            if math.isfinite(self.future_rate):
+                t, lv = _fit_points(resp[self.tau + 1:], lags)
+                _, c = _line(lv, t)
+                ax.semilogy(t, np.exp(c + self.future_rate * t), "k--", lw=0.8,
+                            label=f"fit: rate {self.future_rate:+.3g}/frame")
         rms = np.where(np.isfinite(self.output_rms), self.output_rms, np.nan)
         ax2 = ax.twinx()
-        ax2.semilogy(self.times, np.where(rms > 0, rms, np.nan), "r.-", label="RMS(y_t)")
+        ax2.semilogy(self.times, np.where(rms > 0, rms, np.nan), "r.-", lw=0.6, ms=2)
+        ax2.set_ylabel("RMS(y_t)", color="r")
         ax.set_xlim(-self.tau - 0.5, self.tau + 0.5)
         ax.set_xlabel("t")
-        ax.set_ylabel("influence", color="b")
-        ax2.set_ylabel("RMS(y_t)", color="r")
+        ax.set_ylabel("future response", color="g")
+        ax.legend(fontsize=7, loc="lower right")
         early = " (stopped early)" if self.stopped_early else ""
         fig.suptitle(f"TRF: {self.verdict}{early}, extent {self.extent}, {self.iterations} iterations\n"
-                     f"{self.reason}", fontsize=9)
+                     f"{self.reason}", fontsize=8)
         return fig
 
     def save_png(self, path: str | Path, every: int = 5) -> Path:
@@ -157,27 +207,69 @@ def _displayable(frame: torch.Tensor) -> np.ndarray:
     return a[0] if a.shape[0] != 3 else a.transpose(1, 2, 0)
 
 
+def _fit_points(values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (position, log value) pairs with a finite, positive value."""
+    ok = np.isfinite(values) & (values > 0)
+    return positions[ok].astype(np.float64), np.log(values[ok])
+
+
+def _line(logs: np.ndarray, positions: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope and intercept of logs against positions."""
+    slope, intercept = np.polyfit(positions, logs, 1)
+    return float(slope), float(intercept)
+
+
+def log_rate(values: np.ndarray, positions: np.ndarray) -> tuple[float, float]:
+    """(slope, standard error) of log(values) against positions over the positive values; -inf if < 3."""
+    x, y = _fit_points(np.asarray(values, dtype=np.float64), np.asarray(positions))
+    if len(x) < 3:
+        return -math.inf, 0.0
+    slope, intercept = _line(y, x)
+    residual = y - (intercept + slope * x)
+    sxx = float(((x - x.mean()) ** 2).sum())
+    return slope, float(math.sqrt(float((residual ** 2).sum()) / (len(x) - 2) / sxx))
+
+
 def _in_channels(model: nn.Module, channels: int | None) -> int:
     if channels is not None:
         return channels
     return int(getattr(model, "in_channels", 3))
 
 
+def _future_response(model: nn.Module, x: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+    """‖(∂y_t/∂x_-τ)·v‖ per output frame, v a perturbation of the oldest frame only."""
+    tangent = torch.zeros_like(x)
+    tangent[:, 0] = v
+    with parametrize.cached():
+        _, u = jvp(model, (x,), (tangent,))
+    return u.detach().double().flatten(2).norm(dim=2)[0].cpu().numpy()
+
+
+def _future(response: np.ndarray, tau: int) -> tuple[float, float, bool]:
+    """(future_rate, its stderr, overflowed) over t = 1 … τ."""
+    future = response[tau + 1:]
+    overflowed = bool(np.isfinite(response[:tau + 1]).all() and not np.isfinite(future).all())
+    rate, se = log_rate(future, np.arange(1, tau + 1))
+    return rate, se, overflowed
+
+
 def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64, iters: int = 500,
                              lr: float = LR, seed: int = 0, threshold: float = THRESHOLD,
-                             blowup: float = BLOWUP, channels: int | None = None,
-                             dampening: float | None = None, device=None) -> TRFResult:
+                             growth_tol: float = GROWTH_TOL, check_every: int = CHECK_EVERY,
+                             channels: int | None = None, dampening: float | None = None,
+                             device=None) -> TRFResult:
     """Run the TRF stress test on any ``nn.Module`` with the sequence API ``model(x)``.
 
     Args:
         model: x (1×T×C×H×W) -> y (1×T×C×sH×sW).
         frames: 2τ+1 frames (odd, ≥ 3); t = 0 is the middle frame (frame 41 of 81).
         size: H = W of the input frames.
-        iters: Adam iterations (stops earlier once divergence is proven).
+        iters: Adam iterations (stops earlier once divergence is shown).
         lr: Adam learning rate on X.
-        seed: seeds the uniform initial X.
-        threshold: relative influence above which a past frame counts (extent, criterion 3).
-        blowup: |y| above which divergence is proven (criterion 2).
+        seed: seeds the uniform initial X and the perturbation v of the oldest frame.
+        threshold: relative influence above which a past frame counts (extent, past condition).
+        growth_tol: per-frame log-rate margin of growth / decay (module docstring).
+        check_every: iterations between two measurements of the future growth.
         channels: image channels C (default ``model.in_channels`` or 3).
         dampening: feature dampening λ (appendix F) to test at; None keeps ``model.dampening``.
         device: default the device of the model's parameters.
@@ -190,8 +282,10 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
         raise ValueError(f"iters must be >= 1, got {iters}")
     if not 0 < threshold < 1:
         raise ValueError(f"threshold is a relative influence in (0, 1), got {threshold}")
-    if not blowup > 0:
-        raise ValueError(f"blowup must be > 0, got {blowup}")
+    if not growth_tol >= 0:
+        raise ValueError(f"growth_tol is a per-frame log-rate margin >= 0 (e.g. 0.01), got {growth_tol}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1 iteration, got {check_every}")
     tau = (frames - 1) // 2
     c = _in_channels(model, channels)
     if device is None:
@@ -199,7 +293,11 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
         device = param.device if param is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(int(seed))
     x = torch.rand(1, frames, c, size, size, generator=generator).to(device).requires_grad_(True)
+    v = torch.randn(1, c, size, size, generator=generator).to(device)
     optimizer = torch.optim.Adam([x], lr=lr)
+
+    def grows(rate: float, se: float) -> bool:
+        return rate - 2 * se > growth_tol
 
     scope = ExitStack()
     scope.enter_context(evaluating(model, dampening))
@@ -209,10 +307,10 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     flush = torch.set_flush_denormal(True)
     start = time.perf_counter()
     p_history: list[float] = []
-    reason, stopped_early, grad, y, memory_at = "", False, None, None, None
+    reason, stopped_early, grad, y, response = "", False, None, None, None
     try:
         for it in range(iters):
-            grad = None  # the influence is always measured at the X of the last forward pass
+            grad, response = None, None  # everything is measured at the X of the last forward pass
             with parametrize.cached():
                 y = model(x)
             if y.dim() != 5 or y.shape[1] != frames:
@@ -221,25 +319,28 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
             h, w = y.shape[-2:]
             p = y[0, tau, :, h // 2, w // 2].sum()
             p_history.append(abs(float(p.detach())))
-            finite_y = bool(torch.isfinite(y).all())
-            if math.isfinite(p_history[-1]):
-                (grad,) = torch.autograd.grad(p.abs(), x)
-            if not finite_y or not math.isfinite(p_history[-1]):
-                reason, stopped_early = f"non-finite output at iteration {it}", True
+            if not bool(torch.isfinite(y).all()) or not math.isfinite(p_history[-1]):
+                where = int((~torch.isfinite(y.detach())).flatten(2).any(dim=2)[0].nonzero()[0]) - tau
+                reason = (f"non-finite output (first at t = {where:+d}) from a finite input in [0, 1] "
+                          f"at iteration {it}")
+                stopped_early = True
                 break
+            (grad,) = torch.autograd.grad(p.abs(), x)
             if not bool(torch.isfinite(grad).all()):
                 reason, stopped_early = f"non-finite gradient of p at iteration {it}", True
                 break
-            if memory_at is None:
-                energy = grad.detach().pow(2).flatten(2).sum(dim=(0, 2))
-                if float(energy[0]) > threshold * float(energy.max()):
-                    memory_at = (it, time.perf_counter() - start)
-            peak = float(y.detach().abs().max())
-            if peak > blowup:
-                where = int(y.detach().abs().flatten(2).amax(dim=(0, 2)).gt(blowup).nonzero()[0]) - tau
-                reason = f"|y| = {peak:.3g} > {blowup:g} (first at t = {where:+d}) at iteration {it}"
-                stopped_early = True
-                break
+            energy = grad.detach().pow(2).flatten(2).sum(dim=(0, 2))
+            past_drives = float(energy[0]) > threshold * float(energy.max())
+            if past_drives and (it % check_every == 0 or it == iters - 1):
+                response = _future_response(model, x.detach(), v)
+                rate, se, overflowed = _future(response, tau)
+                if overflowed or grows(rate, se):
+                    what = ("the tangent response to x_-τ overflows" if overflowed else
+                            f"outputs after t = 0 diverge from a perturbed x_-{tau} at {rate:+.3g} ± "
+                            f"{se:.2g} per frame (> {growth_tol:g})")
+                    reason = f"x_-{tau} drives p and {what}, at iteration {it}"
+                    stopped_early = it < iters - 1
+                    break
             if it == iters - 1:
                 break  # keep X, Y and the gradient of the same evaluated point
             optimizer.zero_grad(set_to_none=True)
@@ -247,13 +348,15 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
             optimizer.step()
             with torch.no_grad():
                 x.clamp_(0, 1)
+        if grad is not None and response is None:  # the future response at the final X
+            response = _future_response(model, x.detach(), v)
     finally:
         if flush:
             torch.set_flush_denormal(False)  # PyTorch's default
         scope.close()
     seconds = time.perf_counter() - start
 
-    if grad is not None and bool(torch.isfinite(grad).all()):
+    if grad is not None:
         energy = grad.detach().double().pow(2).flatten(2).sum(dim=(0, 2)).cpu().numpy()
         influence = energy / energy.max() if energy.max() > 0 else energy
     else:  # nothing finite to measure: the divergence itself is the finding
@@ -261,21 +364,61 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     past = influence[:tau + 1][::-1]  # past[k] = influence of x_{-k}
     above = np.nonzero(past > threshold)[0]
     extent = int(above.max()) + 1 if len(above) else 0
-    if stopped_early:
-        verdict = "unbounded"
-        extent = tau + 1 if not len(above) or np.isnan(influence).any() else extent
-    elif extent == tau + 1:
-        verdict = "unbounded"
-        reason = (f"the oldest frame x_-{tau} still drives p (influence {past[tau]:.3g} > {threshold:g})")
+    growth_rate, growth_se = log_rate(np.sqrt(past[1:]), np.arange(1, tau + 1))
+    if response is not None:
+        future_rate, future_se, overflowed = _future(response, tau)
+        peak = np.nanmax(np.where(np.isfinite(response), response, np.nan)) if np.isfinite(response).any() else 0
+        response_rel = response / peak if peak > 0 else response
     else:
-        verdict = "bounded"
-        reason = (f"no influence above {threshold:g} beyond {extent} frame(s), "
-                  f"outputs within {blowup:g} after {len(p_history)} iterations")
+        future_rate, future_se, overflowed, response_rel = math.nan, math.nan, False, np.full(frames, np.nan)
+
+    if grad is None:
+        verdict, extent = "unbounded", tau + 1
+        growth_rate = growth_se = math.nan
+    elif reason:  # non-finite gradient, or the past drives p and the future grows
+        verdict = "unbounded"
+        extent = tau + 1 if "gradient" in reason else extent
+    else:
+        verdict, reason = _judge(extent, tau, growth_rate, growth_se, future_rate, future_se,
+                                 threshold, growth_tol, len(p_history))
     out = y.detach().cpu() if y is not None else torch.empty(0)
     rms = out.double().pow(2).flatten(2).mean(dim=2).sqrt()[0].numpy() if out.numel() else np.zeros(0)
     return TRFResult(inputs=x.detach()[0].cpu(), outputs=out[0] if out.numel() else out,
                      influence=influence, verdict=verdict, extent=extent, reason=reason,
                      stopped_early=stopped_early, iterations=len(p_history), tau=tau,
-                     p_history=p_history, output_rms=rms, seconds=seconds, memory_unbounded_at=memory_at,
-                     threshold=threshold,
-                     blowup=blowup)
+                     growth_rate=growth_rate, growth_stderr=growth_se, future_rate=future_rate,
+                     future_stderr=future_se, future_response=response_rel, p_history=p_history,
+                     output_rms=rms, seconds=seconds, threshold=threshold, growth_tol=growth_tol)
+
+
+def _judge(extent: int, tau: int, rate: float, se: float, future: float, future_se: float,
+           threshold: float, tol: float, iterations: int) -> tuple[str, str]:
+    """Verdict and reason when the search did not show a divergence (see the module docstring)."""
+    fills = extent == tau + 1
+    decays = rate + 2 * se < -tol
+    grows = future - 2 * future_se > tol
+    past = (f"influence rate {rate:+.3g} ± {se:.2g} per frame into the past" if math.isfinite(rate)
+            else "the influence vanishes after a few frames")
+    fut = (f"future response to x_-{tau}: {future:+.3g} ± {future_se:.2g} per frame"
+           if math.isfinite(future) else f"no future response to x_-{tau} after t = 0")
+    after = f" ({iterations} iterations)"
+    if fills and grows:
+        return "unbounded", f"x_-{tau} drives p and the outputs diverge: {fut}; {past}{after}"
+    if (not fills or decays) and future <= tol:
+        if fills:
+            crossing = math.log(threshold) / (2 * rate)
+            return "bounded", (f"{past}, a resolved decay: it falls below {threshold:g} at lag ≈ "
+                               f"{crossing:.0f}, beyond the {tau + 1}-frame window; {fut}{after}")
+        return "bounded", f"no influence above {threshold:g} beyond {extent} frame(s), {past}; {fut}{after}"
+    if fills and future <= tol:
+        if rate <= tol:
+            return "inconclusive", (f"x_-{tau} still drives p and the {past} is a decay too slow to "
+                                    f"resolve in {tau} frames (needs rate + 2·stderr < {-tol:g}); {fut}: "
+                                    f"growth not shown{after}")
+        return "inconclusive", (f"x_-{tau} drives p more than recent frames ({past}) but the future does "
+                                f"not grow ({fut}): the two conditions disagree{after}")
+    if not grows:
+        return "inconclusive", (f"{fut}: growth above {tol:g} not shown beyond 2 standard errors; "
+                                f"extent {extent}, {past}{after}")
+    return "inconclusive", (f"{fut}, growing, but the past's influence on p dies out (extent {extent}, "
+                            f"{past}): the two conditions disagree{after}")

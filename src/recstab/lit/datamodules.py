@@ -12,6 +12,19 @@ calls its ``set_epoch`` at every epoch start, in the main process, so this also
 holds with persistent workers. (Under DDP Lightning wraps the sampler in a
 distributed one that does not forward ``set_epoch``: every epoch then repeats the
 crops of epoch 0.) Validation and test loaders are sequential and deterministic.
+
+Exact resume. The training batch b of epoch e is a pure function of
+(seed, e, b): the permutation comes from ``make_generator(seed, salt, e)`` and
+every clip (content and noise) from its own key ``e * n + i``. So the position in
+the data stream is two integers, and that is the training loader's state:
+``ResumableLoader.state_dict()`` returns ``{"epoch": e, "batches_done": b, ...}``,
+where b counts the batches training has consumed in epoch e (read from the
+trainer's batch progress, not from the sampler, which runs ahead by the
+prefetched batches). Lightning stores it in every checkpoint (``loops`` ->
+``fit_loop`` -> ``combined_loader``) and, on resume, hands it back through
+``load_state_dict`` before it creates the epoch's iterator; the sampler then
+starts the same permutation at index ``b * batch_size``. A run resumed from any
+checkpoint therefore sees exactly the batches the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -30,20 +43,67 @@ _SAMPLER_SALT = 7  # keeps the sampler's permutations independent of the dataset
 
 
 class EpochSampler(Sampler[int]):
-    """Random permutation of range(n), a new one per epoch, offset by ``epoch * n``."""
+    """Random permutation of range(n), a new one per epoch, offset by ``epoch * n``.
+
+    ``skip`` drops the first indices of the next iteration only (a resumed epoch
+    continues where it stopped); it is cleared once consumed and by a new epoch.
+    """
 
     def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
         return self.n
 
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The keys of epoch ``epoch`` in training order (a pure function of seed and epoch)."""
+        perm = torch.randperm(self.n, generator=make_generator(self.seed, _SAMPLER_SALT, epoch))
+        return perm + epoch * self.n
+
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=make_generator(self.seed, _SAMPLER_SALT, self.epoch))
-        return iter((perm + self.epoch * self.n).tolist())
+        keys, self.skip = self.permutation(self.epoch)[self.skip:], 0
+        return iter(keys.tolist())
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, with its position in the data stream as a state dict.
+
+    ``progress`` (set by the DataModule) returns the number of batches training has
+    consumed in the current epoch. Lightning calls ``state_dict`` when it writes a
+    checkpoint and ``load_state_dict`` when it resumes from one (any object with both
+    methods is stateful to it). A loader whose sampler is not an ``EpochSampler``
+    (Lightning's DDP wrapper) has no state.
+    """
+
+    progress = None  # () -> int, batches of the current epoch already trained
+
+    def state_dict(self) -> dict:
+        if not isinstance(self.sampler, EpochSampler) or self.progress is None:
+            return {}
+        return {"epoch": self.sampler.epoch, "batches_done": int(self.progress()),
+                "batch_size": self.batch_size, "length": self.sampler.n, "seed": self.sampler.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state or not isinstance(self.sampler, EpochSampler):
+            return
+        sampler = self.sampler
+        now = {"batch_size": self.batch_size, "length": sampler.n, "seed": sampler.seed}
+        changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
+        if changed:
+            raise ValueError(
+                "cannot resume the training data stream exactly: the checkpoint was written with "
+                + ", ".join(f"{k}={old} (this run: {new})" for k, (old, new) in changed.items())
+                + "; resume with the data settings of the checkpoint (data.batch_size, data.train_length, "
+                "seed), or start a fresh run")
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done * self.batch_size >= sampler.n:  # saved at the end of an epoch: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        sampler.epoch, sampler.skip = epoch, done * self.batch_size
 
 
 def _positive(name: str, value, allow_none: bool = False) -> None:
@@ -101,7 +161,7 @@ class VideoDataModule(L.LightningDataModule):
             self.test_set = self._dataset("test")
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=EpochSampler(len(dataset), self.seed) if train else None,  # None: sequential
@@ -112,7 +172,16 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_set, train=True)
+        loader = self._loader(self.train_set, train=True)
+        loader.progress = self._batches_trained
+        return loader
+
+    def _batches_trained(self) -> int:
+        """Batches of the current epoch whose training step has run (0 outside a fit)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

@@ -20,30 +20,69 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+
+from recstab.lit.preflight import check_checkpoint, check_writable
 
 log = logging.getLogger(__name__)
 
 
+RESUMABLE = ("last.ckpt", "interrupted.ckpt")  # what resume=true continues from (the newest of a run dir)
+
+
+def _newest(paths) -> Path | None:
+    paths = [p for p in paths if p.is_file()]
+    return max(paths, key=lambda p: p.stat().st_mtime) if paths else None
+
+
+def requeued() -> bool:
+    """Whether this process is a SLURM job that was requeued (preempted or timed out, then restarted)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
 def find_resume_checkpoint(cfg: DictConfig) -> str | None:
-    """``ckpt_path`` if given; with ``resume=true`` the newest last.ckpt of this task's runs."""
+    """The checkpoint ``trainer.fit`` starts from, or None for a fresh run.
+
+    ``ckpt_path`` if given. With ``resume=true``: the newest ``last.ckpt`` or
+    ``interrupted.ckpt`` of this run's own directory, else of the runs of this
+    ``task_name``. A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) resumes from its
+    own directory even without ``resume=true``: that is the job's earlier life.
+    """
     if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
-        return str(path)
+        return str(cfg.ckpt_path)
+    own = _newest(Path(cfg.paths.output_dir) / "checkpoints" / name for name in RESUMABLE)
+    if requeued() and own is not None:
+        return str(own)
     if not cfg.get("resume"):
         return None
-    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if own.is_file():
+    if own is not None:
         return str(own)
     runs = Path(cfg.paths.log_dir) / cfg.task_name
-    candidates = sorted(runs.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
+    newest = _newest(p for name in RESUMABLE for p in runs.glob(f"**/checkpoints/{name}"))
+    if newest is None:
         raise FileNotFoundError(
-            f"resume=true but no checkpoints/last.ckpt under {runs} (task_name={cfg.task_name!r}); "
-            "pass ckpt_path=<file> or start a fresh run with resume=false")
-    return str(candidates[-1])
+            f"resume=true but no checkpoints/last.ckpt or interrupted.ckpt under {runs} "
+            f"(task_name={cfg.task_name!r}); pass ckpt_path=<file> or start a fresh run with resume=false")
+    return str(newest)
+
+
+def preflight(cfg: DictConfig) -> str | None:
+    """Check every place the run reads or writes before anything is built; return the checkpoint to start from.
+
+    Output directories (``paths.output_dir`` and every callback's ``dirpath``) must be
+    writable; the checkpoint to resume or test (``ckpt_path``, or the one ``resume=true``
+    finds) must exist and hold the model the config builds (``recstab.lit.preflight``).
+    """
+    check_writable(cfg.paths.output_dir, "paths.output_dir")
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node and node.get("dirpath"):
+            check_writable(node.dirpath, f"callbacks.{name}.dirpath")
+    ckpt = find_resume_checkpoint(cfg) if cfg.get("train", True) else cfg.get("ckpt_path")
+    if ckpt:
+        key = "ckpt_path" if cfg.get("ckpt_path") else "the checkpoint resume=true found"
+        check_checkpoint(ckpt, OmegaConf.to_container(cfg.module, resolve=True), key)
+    return ckpt
 
 
 def instantiate_group(node: DictConfig | None) -> list:
@@ -63,14 +102,11 @@ def finish_wandb() -> None:
 
 def run_training(cfg: DictConfig) -> dict[str, float]:
     os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; export WANDB_MODE=online to sync
+    ckpt = preflight(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
-    if not issubclass(hydra.utils.get_class(cfg.data._target_), L.LightningDataModule):
-        raise ValueError(f"data={cfg.data._target_} is not a training dataset (a LightningDataModule); "
-                         "train with data=synthetic or data=vimeo90k — data=long_video is the stream of "
-                         "src/diagnose.py and of callbacks.onset_test")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module: L.LightningModule = hydra.utils.instantiate(cfg.module, _convert_="all")
     callbacks = instantiate_group(cfg.get("callbacks"))
@@ -84,10 +120,14 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
     try:
         if cfg.get("train", True):
-            ckpt = find_resume_checkpoint(cfg)
             if ckpt:
                 log.info("resuming from %s", ckpt)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            except SIGTERMException:  # preempted: on_exception wrote checkpoints/interrupted.ckpt
+                log.warning("SIGTERM: stopped after step %d with a checkpoint in %s/checkpoints; continue "
+                            "with resume=true (or ckpt_path=...)", trainer.global_step, cfg.paths.output_dir)
+                return {}
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if cfg.get("test", True):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

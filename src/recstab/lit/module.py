@@ -1,9 +1,12 @@
 """The LightningModule: back-propagation through time over a clip, per-frame metrics.
 
-``VideoRestorationModule`` takes plain config values (no Hydra objects) and calls
-``save_hyperparameters()``, so ``VideoRestorationModule.load_from_checkpoint(path)``
-rebuilds the model anywhere. Weight normalisations (``norm``) are applied in
-``__init__``, before any state dict is loaded, so their buffers load with it.
+``VideoRestorationModule`` takes the model's config — a plain dict with a ``_target_``
+(``conf/model/*.yaml``: ``{"_target_": "recstab.models.build_model", "backbone": "vresnet",
+..., "norm": {"kind": "srnc", "alpha": 2.0, ...}}``) — instantiates it with
+``hydra.utils.instantiate`` and calls ``save_hyperparameters()``, so
+``VideoRestorationModule.load_from_checkpoint(path)`` rebuilds the model anywhere, without
+a Hydra app. The weight normalisation is part of the model config and applied when the
+model is built, before any state dict is loaded, so its buffers load with it.
 
 One training step unrolls the recurrent model over the whole clip (7 frames for
 Vimeo-90k) and back-propagates through time. The step runs under
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -25,7 +29,6 @@ from torch.nn.utils import parametrize
 from torchmetrics import MeanMetric
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from recstab.models import build_model
 from recstab.models.dampening import evaluating
 
 LOSSES = ("mse", "l1", "charbonnier")
@@ -39,13 +42,29 @@ def restoration_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor) 
     return torch.sqrt((prediction - target) ** 2 + 1e-6).mean()  # charbonnier
 
 
+def model_config(model) -> dict:
+    """The model config as a plain dict with a ``_target_`` (``None``: build_model's defaults)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if model is None:
+        return {"_target_": "recstab.models.build_model"}
+    if isinstance(model, DictConfig):
+        model = OmegaConf.to_container(model, resolve=True)
+    if not isinstance(model, dict) or "_target_" not in model:
+        raise ValueError(f"model must be a model config with a _target_ (e.g. conf/model/vresnet.yaml: "
+                         f"{{'_target_': 'recstab.models.build_model', 'backbone': 'vresnet', ...}}), got {model!r}")
+    return dict(model)
+
+
 class VideoRestorationModule(L.LightningModule):
     """Train / evaluate one backbone × recurrence × task model.
 
     Args:
-        backbone, recurrence, task, channels, in_channels, depth: see :func:`recstab.models.build_model`.
-        norm: keyword arguments of :func:`recstab.norms.apply_norm` (``{"kind": "srnc", "alpha": 2, ...}``);
-            ``None`` or kind ``none`` leaves the weights unconstrained.
+        model: the model config, instantiated with ``hydra.utils.instantiate``: ``_target_``
+            (``recstab.models.build_model``) and its keyword arguments — backbone, recurrence,
+            task, channels, in_channels, depth, init, and ``norm`` (keyword arguments of
+            :func:`recstab.norms.apply_norm`, ``{"kind": "srnc", "alpha": 2, ...}``). A DictConfig
+            is resolved to a plain dict. ``None``: ``build_model``'s defaults.
         frames: clip length T of the evaluation clips (the number of per-frame PSNR metrics).
         loss: ``mse`` (the paper), ``l1`` or ``charbonnier``.
         lr, betas, weight_decay: Adam.
@@ -57,9 +76,7 @@ class VideoRestorationModule(L.LightningModule):
         lpips: also compute LPIPS on the last frame of the test clips (``test/lpips_7``).
     """
 
-    def __init__(self, backbone: str = "vresnet", recurrence: str = "feat", task: str = "denoise",
-                 channels: int = 64, in_channels: int = 3, depth: int | None = None,
-                 norm: dict | None = None, frames: int = 7, loss: str = "mse", lr: float = 1e-4,
+    def __init__(self, model: dict | None = None, frames: int = 7, loss: str = "mse", lr: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  lr_schedule: str = "constant", dampening: float = 1.0, refresh_iters: int = 20,
                  lpips: bool = False):
@@ -70,12 +87,10 @@ class VideoRestorationModule(L.LightningModule):
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid: constant, cosine")
         if frames < 1:
             raise ValueError(f"clip length (frames) must be >= 1, got {frames}")
-        self.save_hyperparameters()
-        self.model = build_model(backbone, recurrence, task, channels, in_channels, depth)
-        self.norm = dict(norm or {"kind": "none"})
-        if self.norm.get("kind", "none") != "none":
-            from recstab.norms import apply_norm
-            apply_norm(self.model, **self.norm)
+        model = model_config(model)
+        self.save_hyperparameters()  # the plain-dict model config: checkpoints load without Hydra
+        self.model = hydra.utils.instantiate(model, _convert_="all")
+        self.norm = dict(model.get("norm") or {"kind": "none"})
         self.frame_psnr = torch.nn.ModuleDict({
             split: torch.nn.ModuleList(MeanMetric() for _ in range(frames)) for split in ("val", "test")})
         self.test_lpips = None  # built in on_test_start: AlexNet stays out of checkpoints

@@ -2,12 +2,13 @@
 
 Every `every_n_steps` optimisation steps (and once before training starts),
 `SpectrumMonitor` computes the exact singular values of each stride-1 conv of the
-LightningModule on an n×n map (FFT, `recstab.norms.conv_singular_values`) — of the
-weight the layer actually uses, i.e. the normalised one when a norm is applied —
-and
+LightningModule on an n×n map with the measurement engine
+(`recstab.diagnostics.engine.conv_spectra`, FFT) — of the weight the layer actually
+uses, i.e. the normalised one when a norm is applied — and
 
-- logs `spectra/<layer>/sigma1` (spectral norm) and `spectra/<layer>/srank`
-  (stable rank ‖W‖_F²/‖W‖₂²) to every attached logger, plus `spectra/sigma1_max`;
+- logs the engine's `spectra/*` keys to every attached logger: `spectra/<layer>/sigma1`
+  (spectral norm), `spectra/<layer>/srank` (stable rank ‖W‖_F²/‖W‖₂²), `spectra/sigma1_max`,
+  `spectra/sigma1_mean`, `spectra/srank_ratio_mean`, ...;
 - draws the paper's "average singular value spectrum" (Tables 2–3): the sorted
   spectrum of every layer against its normalised index (faint) and their mean
   (bold), in absolute value (left: the spectral norms show at index 0) and
@@ -30,40 +31,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
-from recstab.norms import conv_singular_values  # noqa: E402
+from recstab.diagnostics.engine import conv_spectra  # noqa: E402
 
 
-def layer_spectra(model: nn.Module, n: int) -> dict[str, torch.Tensor]:
-    """{layer name: sorted singular values} of every stride-1, ungrouped nn.Conv2d, on an n×n map."""
-    spectra = {}
-    for name, conv in model.named_modules():
-        if not isinstance(conv, nn.Conv2d) or conv.stride != (1, 1) or conv.groups != 1 or conv.dilation != (1, 1):
-            continue
-        if n < max(conv.kernel_size):
-            continue
-        was_training = conv.training
-        conv.eval()  # a normalised weight is then a constant: the power iteration does not move
-        try:
-            with torch.no_grad():
-                weight = conv.weight.detach().float()
-        finally:
-            conv.train(was_training)
-        spectra[name] = conv_singular_values(weight, n).cpu()
-    return spectra
-
-
-def spectrum_figure(spectra: dict[str, torch.Tensor], title: str = ""):
+def spectrum_figure(spectra: dict[str, np.ndarray], title: str = ""):
     """The average singular value spectrum: each layer faint, the mean over layers bold."""
     grid = np.linspace(0.0, 1.0, 200)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, relative in zip(axes, (False, True)):
         curves = []
         for values in spectra.values():
-            s = values.double().numpy()
+            s = np.asarray(values, dtype=np.float64)
             s = s / s[0] if relative and s[0] > 0 else s
             curve = np.interp(grid, np.linspace(0.0, 1.0, len(s)), s)
             curves.append(curve)
@@ -111,26 +92,18 @@ class SpectrumMonitor(L.Callback):
         if step == self._done_step or not trainer.is_global_zero:
             return
         self._done_step = step
-        spectra = layer_spectra(pl_module, self.n)
-        if not spectra:
+        measured = conv_spectra(pl_module, self.n)
+        if not measured.rows:
             return
-        metrics = {}
-        for name, s in spectra.items():
-            sigma1 = float(s[0])
-            metrics[f"spectra/{name}/sigma1"] = sigma1
-            metrics[f"spectra/{name}/srank"] = float(s.double().pow(2).sum()) / sigma1**2 if sigma1 > 0 else 0.0
-        metrics["spectra/sigma1_max"] = max(float(s[0]) for s in spectra.values())
-        metrics["spectra/sigma1_mean"] = sum(float(s[0]) for s in spectra.values()) / len(spectra)
-        # stable rank relative to its maximum n²·m (what SRN-C's beta targets), averaged over layers
-        metrics["spectra/srank_ratio_mean"] = sum(
-            metrics[f"spectra/{name}/srank"] / s.numel() for name, s in spectra.items()) / len(spectra)
+        spectra = measured.values
+        metrics = measured.metrics()
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if self.plot:
             self._plot(trainer, spectra, step)
 
-    def _plot(self, trainer: L.Trainer, spectra: dict[str, torch.Tensor], step: int) -> None:
+    def _plot(self, trainer: L.Trainer, spectra: dict[str, np.ndarray], step: int) -> None:
         out_dir = Path(trainer.default_root_dir) / "spectra"  # the run dir, next to figures/
         out_dir.mkdir(parents=True, exist_ok=True)
         fig = spectrum_figure(spectra, f"average singular value spectrum (n={self.n}), step {step}")

@@ -10,8 +10,11 @@ from __future__ import annotations
 from torch import nn
 
 from recstab.models.backbones import BACKBONES, he_init_
-from recstab.models.temporal import (RECURRENCES, TASKS, RecurrentVideoModel,
-                                     StreamingNotSupported, parse_recurrence)
+from recstab.models.certificate import LoopCertificate
+from recstab.models.connections import (CONNECTIONS, RECURRENCES, BiRLSP, FeatureRecurrence, FeatureShift,
+                                        FrameRecurrence, NoRecurrence, RLSP, TemporalConnection, connection)
+from recstab.models.interface import TASKS, StreamingNotSupported, VideoModel, check_clip
+from recstab.models.temporal import INITS, RecurrentVideoModel
 
 
 def _baselines() -> dict:
@@ -22,25 +25,41 @@ def _baselines() -> dict:
     return BASELINES
 
 
-def build_model(backbone: str = "vresnet", recurrence: str = "feat", task: str = "denoise",
-                channels: int = 64, in_channels: int = 3, depth: int | None = None) -> nn.Module:
+def build_model(backbone: str = "vresnet", recurrence: str | TemporalConnection = "feat", task: str = "denoise",
+                channels: int = 64, in_channels: int = 3, depth: int | None = None, init: str = "he",
+                norm: dict | None = None) -> VideoModel:
     """Build a video restoration model with the sequence API ``model(x)`` / ``model.process(x, state)``.
 
     ``backbone`` is ``vdncnn`` or ``vresnet`` (then ``recurrence`` picks the temporal
-    connection) or a baseline name (then ``recurrence`` is ignored).
+    connection: a name of :data:`RECURRENCES` or a :class:`TemporalConnection` object, which
+    is what a ``conf/recurrence`` file with a ``_target_`` gives) or a baseline name (then
+    ``recurrence`` is ignored). ``init``: ``he``
+    (He-normal, the paper's Fig. 2 setting) or ``near_identity`` (the same with the tail
+    scaled by 0.1, so that the residual model starts close to the identity and training
+    does not spend its first steps undoing a large random correction). ``norm``: keyword
+    arguments of :func:`recstab.norms.apply_norm` (``{"kind": "srnc", "alpha": 2, ...}``),
+    applied to the built model; ``None`` or kind ``none`` leaves it unconstrained.
     """
     baselines = _baselines()
     if backbone in baselines:
-        return baselines[backbone](task=task, in_channels=in_channels)
-    if backbone not in BACKBONES:
+        model = baselines[backbone](task=task, in_channels=in_channels)
+    elif backbone not in BACKBONES:
         valid = ", ".join(list(BACKBONES) + list(baselines))
         raise ValueError(f"unknown backbone {backbone!r}; valid backbones: {valid}")
-    return RecurrentVideoModel(backbone, recurrence, task, channels, in_channels, depth)
+    else:
+        model = RecurrentVideoModel(backbone, recurrence, task, channels, in_channels, depth, init)
+    norm = dict(norm or {})
+    if norm.get("kind", "none") != "none":
+        from recstab.norms import apply_norm
+        apply_norm(model, **norm)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["build_model", "count_parameters", "RecurrentVideoModel", "StreamingNotSupported",
-           "BACKBONES", "RECURRENCES", "TASKS", "parse_recurrence", "he_init_"]
+__all__ = ["build_model", "count_parameters", "VideoModel", "RecurrentVideoModel", "StreamingNotSupported",
+           "LoopCertificate", "TemporalConnection", "NoRecurrence", "FeatureShift", "FeatureRecurrence",
+           "FrameRecurrence", "RLSP", "BiRLSP", "CONNECTIONS", "connection", "check_clip",
+           "BACKBONES", "RECURRENCES", "TASKS", "INITS", "he_init_"]

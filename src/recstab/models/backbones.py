@@ -61,6 +61,11 @@ class ConvReLU(nn.Module):
     def convs(self) -> list[nn.Conv2d]:
         return [self.conv]
 
+    def lipschitz(self, conv_norm) -> tuple[float, float]:
+        """Bounds (in the main input, in the side input): the two slices of the kernel."""
+        w, c = self.conv.weight, self.conv.out_channels
+        return conv_norm(w[:, :c]), (conv_norm(w[:, c:]) if w.shape[1] > c else 0.0)
+
 
 class ResidualBlock(nn.Module):
     """VResNet block: x + conv2(relu(conv1([x, side])))."""
@@ -76,6 +81,13 @@ class ResidualBlock(nn.Module):
 
     def convs(self) -> list[nn.Conv2d]:
         return [self.conv1, self.conv2]
+
+    def lipschitz(self, conv_norm) -> tuple[float, float]:
+        """Bounds (in the main input: 1 + ‖K2‖‖K1_main‖, in the side input: ‖K2‖‖K1_side‖)."""
+        w1, c = self.conv1.weight, self.conv2.out_channels
+        k2 = conv_norm(self.conv2.weight)
+        side = k2 * conv_norm(w1[:, c:]) if w1.shape[1] > c else 0.0
+        return 1.0 + k2 * conv_norm(w1[:, :c]), side
 
 
 class Backbone(nn.Module):
@@ -115,15 +127,12 @@ class Backbone(nn.Module):
             outputs.append(h)
         return h, inputs, outputs
 
-    def lipschitz_chain(self, conv_norm) -> float:
-        """Upper bound of the Lipschitz constant of head -> blocks (ReLU is 1-Lipschitz)."""
-        bound = conv_norm(self.head)
-        for block in self.blocks:
-            bound *= self.block_lipschitz(block, conv_norm)
-        return bound
+    def convs(self) -> list[nn.Conv2d]:
+        return [self.head] + [conv for block in self.blocks for conv in block.convs()]
 
-    def block_lipschitz(self, block: nn.Module, conv_norm) -> float:
-        """Bound of one block as a map of its input (side input held fixed)."""
-        if isinstance(block, ResidualBlock):
-            return 1.0 + conv_norm(block.conv1) * conv_norm(block.conv2)
-        return conv_norm(block.conv)
+    def chain_factors(self, conv_norm, fed_from: int) -> dict[str, float]:
+        """Bounds of head (input channels ``fed_from:`` only, the fed-back part) -> blocks."""
+        factors = {"head": conv_norm(self.head.weight[:, fed_from:])}
+        for i, block in enumerate(self.blocks):
+            factors[f"block{i + 1}"] = block.lipschitz(conv_norm)[0]
+        return factors

@@ -6,16 +6,20 @@ sweeps/common/measure.yaml). After ``trainer.test`` — so it runs for training 
 ckpt_path=...``: Tables 7 and Fig. 12) alike — it measures, on rank 0:
 
 - ``params``: number of parameters (Table 1);
-- ``spectra``: the exact singular values of every conv (``recstab.diagnostics.conv_spectra``,
-  the operator on an n×n map, never the reshaped kernel): mean/max spectral norm σ₁ and
-  the stable rank, also relative to its maximum, srank/(n²·min(c_in, c_out)) — the area
-  under the normalised spectrum the paper draws (Tables 2, 3, 5–8);
-- ``trf``: the TRF stress test (``recstab.diagnostics.temporal_receptive_field``): verdict,
-  extent, |p| (Tables 2–8);
-- ``onsets``: the long-video onset test (``recstab.diagnostics.instability_onsets``) on a
-  long video (``video: long``) or on appendix H's scene-change sequences (``video: scenes``,
-  ``repeats`` sequences pooled), optionally burst by burst (Fig. 9): 1st/9th deciles,
-  number of instabilities, mean PSNR over the stream;
+- ``spectra``: the exact singular values of every conv (the operator on an n×n map, never
+  the reshaped kernel): mean/max spectral norm σ₁ and the stable rank, also relative to its
+  maximum, srank/(n²·min(c_in, c_out)) — the area under the normalised spectrum the paper
+  draws (Tables 2, 3, 5–8);
+- ``certificate``: the loop certificate L̂ and whether it certifies (L̂ < 1);
+- ``trf``: the TRF stress test: verdict, extent, growth rate, |p| (Tables 2–8);
+- ``onsets``: the long-video onset test on a long video (``video: long``) or on appendix H's
+  scene-change sequences (``video: scenes``, ``repeats`` sequences pooled), optionally burst
+  by burst (Fig. 9): 1st/9th deciles, number of instabilities and of feedback divergences,
+  mean PSNR over the stream;
+
+All of them are measured by :mod:`recstab.diagnostics.engine`, under its keys
+(``spectra/*``, ``stability/*``, ``long/*``), the same the stability report and the
+training callbacks log.
 - ``fps``: frames per second at 448×256 on the current device, frame by frame as a video
   would be processed (Table 1);
 - the device: ``CUDA_VISIBLE_DEVICES``, the CUDA devices torch sees, the device the model
@@ -41,7 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -51,6 +54,9 @@ import lightning as L
 import numpy as np
 import torch
 from torch.nn.utils import parametrize
+
+from recstab.diagnostics import engine
+from recstab.models.dampening import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -126,33 +132,15 @@ def measure_fps(model: torch.nn.Module, height: int = 256, width: int = 448, fra
         model.train(was_training)
 
 
-def spectra_summary(model: torch.nn.Module, n: int) -> tuple[dict, list]:
-    """(scalar summary, per-conv rows) of the exact conv spectra on an n×n map."""
-    from recstab.diagnostics import conv_spectra
-
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    if not convs or n < max(max(c.kernel_size) for c in convs):
-        return {}, []
-    rows, _, _ = conv_spectra(model, n)
-    for row in rows:
-        c_out, c_in = row["shape"][:2]
-        row["srank_ratio"] = row["stable_rank"] / (n * n * min(c_in, c_out))
-    sigma = np.array([r["spectral_norm"] for r in rows])
-    ratio = np.array([r["srank_ratio"] for r in rows])
-    summary = {"spectra/sigma1_mean": float(sigma.mean()), "spectra/sigma1_std": float(sigma.std()),
-               "spectra/sigma1_max": float(sigma.max()), "spectra/srank_mean": float(np.mean([r["stable_rank"] for r in rows])),
-               "spectra/srank_ratio_mean": float(ratio.mean()), "spectra/n": float(n), "spectra/convs": float(len(rows))}
-    return summary, rows
-
-
 class TableMeasurements(L.Callback):
     """Measure params, spectra, TRF, onsets and fps after testing (see the module docstring).
 
     Args:
         params: count the parameters.
         spectra_n: map size n of the exact conv spectra (None: off).
+        certificate: the loop certificate L̂ (``stability/bound``, ``stability/certified``).
         trf: keyword arguments of ``temporal_receptive_field`` (frames, size, iters, lr, seed,
-            threshold, blowup); None: off.
+            threshold, growth_tol); None: off.
         onsets: ``video`` (long | scenes), ``sigma`` (0-255 scale), ``long_video`` (LongVideo
             kwargs), ``scenes`` (n_distinct, total_frames, size, repeats, split), and
             ``instability_onsets`` kwargs (chunk, seed, max_frames, burst, overlap); None: off.
@@ -164,11 +152,13 @@ class TableMeasurements(L.Callback):
         smoke: sizes merged into spectra_n/trf/onsets/fps under debug=smoke.
     """
 
-    def __init__(self, params: bool = True, spectra_n: int | None = 64, trf: dict | None = None,
+    def __init__(self, params: bool = True, spectra_n: int | None = 64, certificate: bool = True,
+                 trf: dict | None = None,
                  onsets: dict | None = None, fps: dict | None = None, dampening: float | None = None,
                  require_checkpoint: bool = False, debug: str | None = None, smoke: dict | None = None):
         small = dict(smoke or {}) if debug == "smoke" else {}
         self.params = bool(params)
+        self.certificate = bool(certificate)
         self.spectra_n = small.get("spectra_n", spectra_n) if spectra_n is not None else None
         self.trf = merged(trf, small.get("trf"))
         self.onsets = merged(onsets, small.get("onsets"))
@@ -214,9 +204,14 @@ class TableMeasurements(L.Callback):
                 if self.params:
                     results["params/count"] = float(sum(p.numel() for p in model.parameters()))
                 if self.spectra_n:
-                    summary, rows = spectra_summary(model, int(self.spectra_n))
-                    results.update(summary)
-                    extra["convs"] = rows
+                    measured = engine.conv_spectra(model, int(self.spectra_n))
+                    results.update(measured.metrics())
+                    extra["convs"] = measured.rows
+                if self.certificate:
+                    with evaluating(model, dampening):
+                        cert = engine.certificate(model)
+                    results.update(engine.certificate_metrics(cert))
+                    extra["certificate"] = None if cert is None else {"bound": cert.bound, "norm": cert.norm}
                 if self.trf is not None:
                     results.update(self._trf(model, dampening, out, extra))
                 if self.onsets is not None:
@@ -245,21 +240,14 @@ class TableMeasurements(L.Callback):
             (Path(trainer.default_root_dir) / "device.json").write_text(json.dumps(self.device, indent=2))
 
     def _trf(self, model, dampening: float, out: Path, extra: dict) -> dict:
-        from recstab.diagnostics import temporal_receptive_field
-
         if not list(model.parameters()):
             return {}  # no network to diagnose (BM3D)
-        with torch.enable_grad():
-            trf = temporal_receptive_field(model, dampening=dampening, **self.trf)
+        trf = engine.trf(model, dampening=dampening, **self.trf)
         trf.save_png(out / "measure" / "trf.png")
         extra["trf"] = {"verdict": trf.verdict, "extent": trf.extent, "reason": trf.reason, **self.trf}
-        return {"trf/unbounded": float(trf.unbounded), "trf/extent": float(trf.extent),
-                "trf/p": float(trf.p_history[-1]) if trf.p_history else math.nan}
+        return engine.trf_metrics(trf)
 
     def _onsets(self, model, dampening: float, out: Path, extra: dict) -> dict:
-        from recstab.diagnostics import instability_onsets
-        from recstab.diagnostics.onsets import deciles
-
         cfg = dict(self.onsets)
         burst = cfg.get("burst")
         if not getattr(model, "streamable", True) and burst is None:
@@ -274,7 +262,9 @@ class TableMeasurements(L.Callback):
             lv = dict(cfg.get("long_video") or {})
             if lv.get("gray") is None:
                 lv["gray"] = channels == 1
-            runs.append(instability_onsets(model, LongVideo(**lv), sigma, dampening=dampening, **kwargs))
+            video = LongVideo(**lv)
+            video.probe()
+            runs.append(engine.onsets(model, video, sigma, dampening=dampening, **kwargs))
         else:
             from recstab.data.synthetic import synthetic_scene_changes
             sc = dict(cfg.get("scenes") or {})
@@ -283,21 +273,17 @@ class TableMeasurements(L.Callback):
             for r in range(int(sc.get("repeats", 1))):
                 video = synthetic_scene_changes(n, total, int(sc.get("size", 64)), channels,
                                                 seed=int(sc.get("seed", 0)) + r, split=sc.get("split", "test"))
-                runs.append(instability_onsets(model, video, sigma, dampening=dampening,
-                                               **{**kwargs, "seed": int(kwargs.get("seed", 0)) + r}))
+                runs.append(engine.onsets(model, video, sigma, dampening=dampening,
+                                          **{**kwargs, "seed": int(kwargs.get("seed", 0)) + r}))
         onsets = [o for run in runs for o in run.onsets]
-        d1, d9 = deciles(onsets)
-        psnr = np.concatenate([run.psnr for run in runs]) if runs else np.zeros(0, np.float32)
-        finite = psnr[np.isfinite(psnr)]
         (out / "measure").mkdir(parents=True, exist_ok=True)
         np.save(out / "measure" / "long_psnr.npy", runs[0].psnr)
         runs[0].save_png(out / "measure" / "onsets.png")
         extra["onsets"] = {"onsets": [int(o) for o in onsets], "sequences": len(runs),
                            "frames": int(sum(run.frames for run in runs)), **cfg}
-        return {"long/onset_d1": float(d1), "long/onset_d9": float(d9), "long/n_onsets": float(len(onsets)),
-                "long/frames": float(sum(run.frames for run in runs)),
-                "long/psnr_mean": float(finite.mean()) if len(finite) else math.nan,
-                "long/fps": float(np.mean([run.fps for run in runs]))}
+        metrics = engine.onset_metrics(runs)
+        metrics["long/fps"] = float(np.mean([run.fps for run in runs]))  # per sequence, as the tables report it
+        return metrics
 
 
 def _json_default(value):

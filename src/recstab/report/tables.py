@@ -193,10 +193,11 @@ def our_value(column: str, runs: list[Run], notes: set, last_frame: bool = True)
     if column.startswith("psnr_") and column[5:].isdigit():
         return _mean([m.get(f"test/{column}") for m in ms])
     if column == "trf":
-        verdicts = [m["trf/unbounded"] for m in ms if "trf/unbounded" in m]
+        # the measurement engine's keys; "trf/*" in measurements written before it
+        verdicts = [v for v in (m.get("stability/trf_unbounded", m.get("trf/unbounded")) for m in ms) if v is not None]
         if not verdicts:
             return None
-        extent = _mean([m.get("trf/extent") for m in ms])
+        extent = _mean([m.get("stability/trf_extent", m.get("trf/extent")) for m in ms])
         if all(v >= 0.5 for v in verdicts):
             return "unbounded"
         if all(v < 0.5 for v in verdicts):

@@ -12,9 +12,9 @@ bm3d       per-frame CBM3D through the PyPI ``bm3d`` package          none
 (parameter counts for RGB, ``task="denoise"``; Table 1: 2.49M, 2.49M, 965k.)
 VNLB, the other non-learned method of Table 1, has no Python release and is not included.
 
-Every baseline has the recstab sequence API: ``model(x)``, ``model.process(x, state)``,
-``streamable``, ``is_recurrent``, ``dampening``, ``recurrent_convs()``,
-``loop_lipschitz_bound(conv_norm)``. Only ``task="denoise"`` is supported.
+Every baseline is a :class:`recstab.models.interface.VideoModel` (``model(x)``,
+``process(x, state)``, ``streamable``, ``is_recurrent``, ``dampening``, ``recurrent_convs()``,
+``loop_certificate()``). Only ``task="denoise"`` is supported.
 """
 
 from recstab.models.baselines.bm3d_baseline import BM3D

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
-from recstab.models.temporal import check_clip
+from recstab.models.interface import VideoModel
 
 
-class BM3D(nn.Module):
+class BM3D(VideoModel):
     """Per-frame BM3D denoiser. ``model(x)``: B×T×C×H×W in [0, 1] -> same shape.
 
     Args:
@@ -32,8 +31,7 @@ class BM3D(nn.Module):
         profile: the ``bm3d`` package's profile name (``np``: normal profile).
     """
 
-    is_recurrent = False
-    streamable = True
+    memory = 1  # every frame alone: no loop
 
     def __init__(self, task: str = "denoise", in_channels: int = 3, sigma: float = 30.0, profile: str = "np"):
         super().__init__()
@@ -44,15 +42,11 @@ class BM3D(nn.Module):
         if sigma <= 0:
             raise ValueError(f"BM3D needs a noise level sigma > 0 (0-255 scale), got {sigma}")
         self.task, self.in_channels, self.sigma, self.profile = task, in_channels, float(sigma), profile
-        self.dampening = 1.0  # no recurrence: has no effect
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.process(x)[0]
 
     @torch.no_grad()
     def process(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         """Denoise every frame independently; the state is empty."""
-        check_clip(x, self.in_channels)
+        self.check_input(x)
         frames = x.detach().cpu().double().numpy()
         out = np.empty_like(frames)
         for b in range(frames.shape[0]):
@@ -71,12 +65,6 @@ class BM3D(nn.Module):
         if self.in_channels == 3:
             return np.asarray(bm3d.bm3d_rgb(frame.transpose(1, 2, 0), sigma, profile=self.profile)).transpose(2, 0, 1)
         return np.asarray(bm3d.bm3d(frame[0], sigma, profile=self.profile)).reshape(frame.shape)
-
-    def recurrent_convs(self) -> list[nn.Conv2d]:
-        return []
-
-    def loop_lipschitz_bound(self, conv_norm) -> float:
-        return 0.0
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, profile={self.profile!r}"

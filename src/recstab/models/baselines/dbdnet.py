@@ -25,8 +25,9 @@ multi-frame 128*64*9+64 = 73 792, 6 x (192*64*9+64) = 663 936, (3+64+3)*3*9+3 = 
 739 621; total **964 712** (Table 1: 965k).
 
 Stability structure: the loop is block-triangular like the recstab feature-recurrence
-(layer l sees its own past and the present of the layers below), so
-``loop_lipschitz_bound`` is λ times the largest multi-frame conv norm.
+(layer l sees its own past and the present of the layer below), so its certificate is the
+weighted-norm bound of :func:`recstab.models.certificate.triangular_certificate`, with
+A_l and S_l the bounds of the kernel slices that read m_{l-1} and m_l^{t-1}.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from recstab.models.backbones import conv3x3, he_init_
-from recstab.models.temporal import check_clip
+from recstab.models.certificate import LoopCertificate, default_conv_norm, triangular_certificate
+from recstab.models.interface import VideoModel
 
 
-class DBDNet(nn.Module):
+class DBDNet(VideoModel):
     """Deep Burst Denoising network (single-frame + feature-recurrent multi-frame branch).
 
     Args:
@@ -50,7 +52,6 @@ class DBDNet(nn.Module):
     """
 
     is_recurrent = True
-    streamable = True
 
     def __init__(self, task: str = "denoise", in_channels: int = 3, channels: int = 64, depth: int = 8):
         super().__init__()
@@ -64,28 +65,20 @@ class DBDNet(nn.Module):
         self.single = nn.ModuleList([conv3x3(c, f)] + [conv3x3(f, f) for _ in range(depth - 2)] + [conv3x3(f, c)])
         self.multi = nn.ModuleList([conv3x3(2 * f, f)] + [conv3x3(3 * f, f) for _ in range(depth - 2)]
                                    + [conv3x3(c + f + c, c)])
-        self.dampening = 1.0
         he_init_(self)
 
     # ------------------------------------------------------------------ sequence API
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.process(x)[0]
+    def initial_state(self, x: torch.Tensor) -> dict:
+        """Every multi-frame layer's last output, zero before the first frame."""
+        b, _, c, h, w = x.shape
+        return {"features": [x.new_zeros(b, self.channels, h, w) for _ in self.multi[:-1]]
+                + [x.new_zeros(b, c, h, w)]}
 
-    def process(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
-        """Chunked processing; the state is every multi-frame layer's last output."""
-        check_clip(x, self.in_channels)
-        if state is None:
-            b, _, c, h, w = x.shape
-            state = {"features": [x.new_zeros(b, self.channels, h, w) for _ in self.multi[:-1]]
-                     + [x.new_zeros(b, c, h, w)]}
-        outputs = []
-        for t in range(x.shape[1]):
-            features = self.step(x[:, t], state["features"])
-            state = {"features": features}
-            outputs.append(features[-1])
-        return torch.stack(outputs, dim=1), state
+    def step(self, frame: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        features = self.layers(frame, state["features"])
+        return features[-1], {"features": features}
 
-    def step(self, frame: torch.Tensor, previous: list[torch.Tensor]) -> list[torch.Tensor]:
+    def layers(self, frame: torch.Tensor, previous: list[torch.Tensor]) -> list[torch.Tensor]:
         """One frame: returns the multi-frame outputs m_1..m_D (m_D is the output frame)."""
         lam, last = self.dampening, len(self.multi) - 1
         s = F.relu(self.single[0](frame))
@@ -106,6 +99,13 @@ class DBDNet(nn.Module):
         """The multi-frame branch's convs (each takes its own previous output)."""
         return list(self.multi)
 
-    def loop_lipschitz_bound(self, conv_norm) -> float:
-        """λ · max_l ‖W_l‖ over the multi-frame convs (ReLU is 1-Lipschitz; see the docstring)."""
-        return abs(self.dampening) * max(conv_norm(conv) for conv in self.multi)
+    def loop_certificate(self, conv_norm=None) -> LoopCertificate:
+        """Weighted-norm bound of the triangular loop over m_1..m_D (see the module docstring)."""
+        conv_norm = conv_norm or default_conv_norm()
+        f, c = self.channels, self.in_channels
+        # input channel layout: first [s_1, prev]; middle [s_l, m_{l-1}, prev]; last [s_D, m_{D-1}, prev]
+        slices = [(None, slice(f, 2 * f))] + [(slice(f, 2 * f), slice(2 * f, 3 * f))] * (len(self.multi) - 2) \
+            + [(slice(c, c + f), slice(c + f, c + f + c))]
+        main = [0.0 if m is None else conv_norm(conv.weight[:, m]) for conv, (m, _) in zip(self.multi, slices)]
+        own = [conv_norm(conv.weight[:, o]) for conv, (_, o) in zip(self.multi, slices)]
+        return triangular_certificate(main, own, self.dampening, state="the multi-frame outputs m_1..m_D")

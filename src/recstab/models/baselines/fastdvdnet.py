@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recstab.models.backbones import he_init_
-from recstab.models.temporal import StreamingNotSupported, check_clip
+from recstab.models.interface import StreamingNotSupported, VideoModel
 
 WINDOW = 5
 
@@ -83,7 +83,7 @@ class DenoisingBlock(nn.Module):
         return frames[self.reference] - self.output(x0 + self.up1(x1))
 
 
-class FastDVDnet(nn.Module):
+class FastDVDnet(VideoModel):
     """Two-stage FastDVDnet on a 5-frame window; feedforward. See the module docstring.
 
     Args:
@@ -107,8 +107,7 @@ class FastDVDnet(nn.Module):
         reference = 2 if causal else 1  # newest frame of each triplet (causal) or the middle one
         self.stage1 = DenoisingBlock(in_channels, noise_sigma is not None, reference)
         self.stage2 = DenoisingBlock(in_channels, noise_sigma is not None, reference)
-        self.dampening = 1.0  # no recurrence: has no effect
-        he_init_(self)
+        he_init_(self)  # dampening (from VideoModel) has no effect: no recurrence
 
     @property
     def streamable(self) -> bool:
@@ -116,22 +115,29 @@ class FastDVDnet(nn.Module):
 
     # ------------------------------------------------------------------ sequence API
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
         if self.causal:
             return self.process(x)[0]
+        self.check_input(x)
         padded = torch.cat([x[:, :1], x[:, :1], x, x[:, -1:], x[:, -1:]], dim=1)
         return torch.stack([self.denoise_window(padded[:, t:t + WINDOW]) for t in range(x.shape[1])], 1)
 
+    def initial_state(self, x: torch.Tensor) -> dict:
+        """The last 4 input frames (the first frame replicated before the start)."""
+        return {"frames": x[:, :1].expand(-1, WINDOW - 1, -1, -1, -1)}
+
+    def step(self, frame: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        frames = torch.cat([state["frames"], frame[:, None]], dim=1)
+        return self.denoise_window(frames), {"frames": frames[:, 1:]}
+
     def process(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
-        """Chunked processing; the state is the last 4 input frames."""
         if not self.causal:
             raise StreamingNotSupported("FastDVDnet with causal=False uses the future frames t+1, t+2: "
                                         "call model(x) on the whole clip, or build it with causal=True")
-        self._check_input(x)
-        past = x[:, :1].expand(-1, WINDOW - 1, -1, -1, -1) if state is None else state["frames"]
-        frames = torch.cat([past, x], dim=1)
-        y = torch.stack([self.denoise_window(frames[:, t:t + WINDOW]) for t in range(x.shape[1])], 1)
-        return y, {"frames": frames[:, -(WINDOW - 1):]}
+        return super().process(x, state)
+
+    @property
+    def memory(self) -> int:
+        return WINDOW
 
     def denoise_window(self, window: torch.Tensor) -> torch.Tensor:
         """window: B×5×C×H×W (oldest first) -> B×C×H×W estimate of the reference frame."""
@@ -143,16 +149,6 @@ class FastDVDnet(nn.Module):
             noise_map = frames[0].new_full((frames[0].shape[0], 1, *frames[0].shape[-2:]), self.noise_sigma / 255)
         first = [self.stage1(frames[i:i + 3], noise_map) for i in range(3)]
         return self.stage2(first, noise_map)[..., :h, :w]
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_clip(x, self.in_channels)
-
-    # ------------------------------------------------------------------ stability structure
-    def recurrent_convs(self) -> list[nn.Conv2d]:
-        return []  # feedforward: no loop
-
-    def loop_lipschitz_bound(self, conv_norm) -> float:
-        return 0.0  # no recurrence map
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, noise_sigma={self.noise_sigma}"

@@ -28,19 +28,18 @@ total **2 489 317** (Table 1: 2.49M).
 Stability structure: the loop runs through SRNet (head, blocks, tail) and the warp. No
 Lipschitz bound is derived: bilinear warping is linear in the warped image, but its
 ℓ2 operator norm depends on the (input-dependent) flow and can reach sqrt(H·W) when the
-flow gathers many pixels at one place, so ``loop_lipschitz_bound`` returns ``math.inf``.
+flow gathers many pixels at one place, so the loop certificate has an infinite bound.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recstab.models.backbones import ResidualBlock, conv3x3, he_init_
-from recstab.models.temporal import check_clip
+from recstab.models.certificate import LoopCertificate, unbounded_certificate
+from recstab.models.interface import VideoModel
 
 MAX_FLOW = 24.0  # pixels
 
@@ -88,7 +87,7 @@ class FlowNet(nn.Module):
         return MAX_FLOW * torch.tanh(x[..., :h, :w])
 
 
-class FRVSR(nn.Module):
+class FRVSR(VideoModel):
     """Frame-recurrent video denoiser with flow-based alignment (FRVSR adapted to denoising).
 
     Args:
@@ -99,7 +98,6 @@ class FRVSR(nn.Module):
     """
 
     is_recurrent = True
-    streamable = True
 
     def __init__(self, task: str = "denoise", in_channels: int = 3, channels: int = 64, depth: int = 10):
         super().__init__()
@@ -112,27 +110,19 @@ class FRVSR(nn.Module):
         self.head = conv3x3(2 * in_channels, channels)
         self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(depth))
         self.tail = conv3x3(channels, in_channels)
-        self.dampening = 1.0
         he_init_(self)
 
     # ------------------------------------------------------------------ sequence API
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.process(x)[0]
+    def initial_state(self, x: torch.Tensor) -> dict:
+        """The previous input (x_{-1} = x_0) and output (y_{-1} = 0) frames."""
+        return {"input": x[:, 0], "output": torch.zeros_like(x[:, 0])}
 
-    def process(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
-        """Chunked processing; the state is the previous input and output frames."""
-        check_clip(x, self.in_channels)
-        if state is None:
-            state = {"input": x[:, 0], "output": torch.zeros_like(x[:, 0])}
-        outputs = []
-        for t in range(x.shape[1]):
-            y = self.step(x[:, t], state["input"], state["output"])
-            state = {"input": x[:, t], "output": y}
-            outputs.append(y)
-        return torch.stack(outputs, dim=1), state
+    def step(self, frame: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        y = self.denoise(frame, state["input"], state["output"])
+        return y, {"input": frame, "output": y}
 
-    def step(self, frame: torch.Tensor, previous_frame: torch.Tensor, previous_output: torch.Tensor
-             ) -> torch.Tensor:
+    def denoise(self, frame: torch.Tensor, previous_frame: torch.Tensor, previous_output: torch.Tensor
+                ) -> torch.Tensor:
         warped = warp(self.dampening * previous_output, self.flow(previous_frame, frame))
         h = F.relu(self.head(torch.cat([frame, warped], dim=1)))
         for block in self.blocks:
@@ -144,6 +134,6 @@ class FRVSR(nn.Module):
         """SRNet's convs: the fed-back output goes through all of them (FNet sees inputs only)."""
         return [self.head] + [conv for block in self.blocks for conv in block.convs()] + [self.tail]
 
-    def loop_lipschitz_bound(self, conv_norm) -> float:
-        """``math.inf``: the warp's operator norm depends on the flow (see the module docstring)."""
-        return math.inf
+    def loop_certificate(self, conv_norm=None) -> LoopCertificate:
+        """Infinite: the warp's operator norm depends on the flow (see the module docstring)."""
+        return unbounded_certificate("the warp of the fed-back output has a flow-dependent operator norm")

@@ -1,0 +1,350 @@
+"""The largest Lyapunov exponent λ₁ of a recurrent video model (Benettin's method).
+
+A streaming model is a dynamical system driven by its input frames,
+
+    s_t = F(x_t, s_{t-1}),        y_t = G(x_t, s_{t-1}),
+
+with s the state returned by ``model.process(x_t, s_{t-1})``. A small change δ_0 of
+the state after frame 0 evolves, to first order, as δ_t = J_t δ_{t-1} with
+J_t = ∂F/∂s at (x_t, s_{t-1}): the tangent map at a fixed input. The largest
+Lyapunov exponent is its average logarithmic growth per frame,
+
+    λ₁ = lim_{N→∞} (1/N) log ‖J_N ⋯ J_1 δ_0‖          (natural log, per frame)
+
+for a generic δ_0. λ₁ < 0: nearby trajectories converge, the state forgets
+perturbations geometrically (memory decays like e^{λ₁ t}); λ₁ > 0: they separate
+exponentially, the recurrence amplifies its own past (the instability of section 2.1,
+measured along real input instead of bounded from the weights). For a linear
+recurrence s_t = A s_{t-1} + B x_t, J_t = A and λ₁ = log ρ(A), ρ the spectral radius.
+
+Benettin's algorithm (the product of Jacobians overflows or underflows, so it is
+renormalised frame by frame):
+
+    δ ← random unit vector (seeded), in the floating-point tensors of the state
+    for every frame t ≥ 1:   δ ← J_t δ  (a Jacobian-vector product);  g_t = log ‖δ‖;  δ ← δ / ‖δ‖
+    λ₁ ≈ mean of g_t over the frames after the burn-in
+
+The first ``burn_in`` (50) growths are discarded: δ needs a few frames to align with
+the most expanding direction, and the state to leave its initial value. J_t δ is
+computed in forward mode (``torch.autograd.forward_ad``, the engine of
+``torch.func.jvp``): one pass costs about one extra forward and never forms J_t. An
+op without a forward-mode derivative (e.g. ``grid_sample`` of flow-warping models)
+falls back to the reverse-over-reverse identity J·v = ∂/∂w ⟨Jᵀw, v⟩ (two backward
+passes). The weights never receive gradients.
+
+What the tangent lives in: every floating-point tensor of the state pytree (a tensor,
+or dicts / lists / tuples of them); integers and other leaves are carried unchanged.
+Keys that only hold the input window (``"frames"`` of multi-frame models) also get a
+tangent: it is shifted out by the new frames after the window length and does not
+change λ₁. A batch of B clips is one system of B independent copies: δ spans all of
+them, so λ₁ is the largest exponent among the B trajectories.
+
+Errors and evidence:
+- ``stderr`` by *batch means*: the post-burn-in growths are cut into ``batches`` (10)
+  contiguous batches of ⌊n/10⌋ frames (the last n mod 10 frames take part in the mean,
+  not in the error); stderr = std(batch means, ddof=1)/√batches. Contiguous batches
+  absorb the correlation of successive g_t as long as a batch is longer than it.
+- ``positive_ranges``: the frame ranges [start, stop) where the running exponent, the
+  mean of g over the last ``window`` (25) frames (fewer just after the burn-in), is > 0:
+  stretches of the input along which the model amplified its own state.
+- A model without recurrent state (``model.is_recurrent`` False, or a state without
+  floating tensors) has λ₁ = −∞ with a note; so has a model whose tangent becomes
+  exactly 0 (finite memory: a window, or a state reset as in burst processing).
+- A state that turns non-finite ends the stream: the frames before it are used, with a note.
+
+Frames: a B×T×C×H×W clip, a T×C×H×W clip (e.g. ``temporal_receptive_field(...).inputs``:
+λ₁ along the TRF sequence), or an iterable of clips (T×C×H×W or B×T×C×H×W, all with
+the same B) or of C×H×W frames, streamed one after the other as one sequence. They
+are the model's inputs as given; ``sigma`` adds N(0, sigma²) noise (the [0, 1] scale,
+not clamped) drawn for frame t from a generator seeded by (seed, t), so how the frames
+are split into clips cannot change the result. Frames are streamed one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from recstab.data.degradations import make_generator
+from recstab.models.dampening import evaluating
+
+BURN_IN = 50   # growths discarded while δ aligns with the most expanding direction
+BATCHES = 10   # batch means for the standard error
+WINDOW = 25    # frames of the running exponent behind `positive_ranges`
+
+
+def _is_float(leaf) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+
+
+def jvp(fn, primals: tuple, tangents: tuple):
+    """``(fn(*primals), J·tangents)``: a Jacobian-vector product through any autograd code.
+
+    ``fn`` returns a pytree (tensor, dict, list, tuple, ...); the second value has the
+    same structure, with the directional derivative at every floating-point tensor leaf
+    (zeros where it does not depend on the primals) and None at the other leaves.
+    Forward mode; reverse-over-reverse when an op has no forward-mode derivative.
+    """
+    try:
+        with torch.no_grad(), fwAD.dual_level():
+            out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+            leaves, spec = tree_flatten(out)
+            values, dots = [], []
+            for leaf in leaves:
+                if _is_float(leaf):
+                    primal, dot = fwAD.unpack_dual(leaf)
+                    values.append(primal.clone())  # plain tensors, valid after the dual level
+                    dots.append(torch.zeros_like(primal) if dot is None else dot.clone())
+                else:
+                    values.append(leaf)
+                    dots.append(None)
+        return tree_unflatten(values, spec), tree_unflatten(dots, spec)
+    except NotImplementedError:  # an op without forward-mode AD (grid_sample, ...)
+        return _jvp_reverse(fn, primals, tangents)
+
+
+def _jvp_reverse(fn, primals: tuple, tangents: tuple):
+    """J·v = ∂/∂w ⟨Jᵀw, v⟩ at w = 0: two reverse passes, for ops without forward mode."""
+    with torch.enable_grad():
+        inputs = [p.detach().requires_grad_(True) for p in primals]
+        out = fn(*inputs)
+        leaves, spec = tree_flatten(out)
+        live = [i for i, leaf in enumerate(leaves) if _is_float(leaf) and leaf.requires_grad]
+        dots = [torch.zeros_like(leaf) if _is_float(leaf) else None for leaf in leaves]
+        if live:
+            ws = [torch.zeros_like(leaves[i], requires_grad=True) for i in live]
+            grads = torch.autograd.grad([leaves[i] for i in live], inputs, grad_outputs=ws,
+                                        create_graph=True, allow_unused=True)
+            pairs = [(g, t) for g, t in zip(grads, tangents) if g is not None and g.requires_grad]
+            if pairs:
+                jv = torch.autograd.grad([g for g, _ in pairs], ws, grad_outputs=[t for _, t in pairs],
+                                         allow_unused=True, materialize_grads=True)
+                for i, d in zip(live, jv):
+                    dots[i] = d.detach()
+    values = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+    return tree_unflatten(values, spec), tree_unflatten(dots, spec)
+
+
+@dataclass
+class LyapunovResult:
+    """What :func:`lyapunov_exponent` measured. ``per_frame[i]`` is the log growth at stream frame i + 1."""
+
+    exponent: float                 # λ₁ per frame (natural log); -inf: no recurrent memory
+    stderr: float                   # batch-means standard error (nan when too few frames)
+    burn_in: int                    # growths discarded at the start
+    frames_used: int                # growths averaged (after the burn-in)
+    per_frame: np.ndarray           # log ‖J_t δ_{t-1}‖ for stream frames t = 1, 2, ...
+    positive_ranges: list           # [(start, stop)) stream-frame ranges with running exponent > 0
+    note: str = ""
+    method: str = ""                # how stderr was computed
+    window: int = WINDOW
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def running(self) -> np.ndarray:
+        """Mean growth over the last ``window`` frames, for each post-burn-in frame."""
+        post = self.per_frame[self.burn_in:]
+        if not len(post):
+            return np.zeros(0)
+        c = np.concatenate([[0.0], np.cumsum(post)])
+        i = np.arange(1, len(post) + 1)
+        lo = np.maximum(0, i - self.window)
+        return (c[i] - c[lo]) / (i - lo)
+
+    def to_dict(self) -> dict:
+        """JSON-ready numbers (±inf and nan as floats)."""
+        return {"exponent": self.exponent, "stderr": self.stderr, "burn_in": self.burn_in,
+                "frames_used": self.frames_used, "per_frame": [float(v) for v in self.per_frame],
+                "positive_ranges": [list(r) for r in self.positive_ranges], "note": self.note,
+                "method": self.method, "window": self.window, "seconds": self.seconds,
+                "settings": dict(self.settings)}
+
+
+def _clips(frames) -> Iterator[torch.Tensor]:
+    """Every item of ``frames`` as a B×T×C×H×W tensor."""
+    items = [frames] if isinstance(frames, torch.Tensor) else frames
+    if not isinstance(items, Iterable):
+        raise TypeError(f"frames must be a tensor or an iterable of tensors, got {type(frames).__name__}")
+    for k, item in enumerate(items):
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"frames item {k} is a {type(item).__name__}, expected a tensor "
+                            "(B×T×C×H×W, T×C×H×W or C×H×W)")
+        if item.dim() == 3:
+            item = item[None, None]
+        elif item.dim() == 4:
+            item = item[None]
+        elif item.dim() != 5:
+            raise ValueError(f"frames item {k} has shape {tuple(item.shape)}; expected B×T×C×H×W, "
+                             "T×C×H×W (one clip) or C×H×W (one frame)")
+        if not item.is_floating_point():
+            raise ValueError(f"frames item {k} has dtype {item.dtype}; expected floating point in [0, 1]")
+        yield item
+
+
+def _positive_ranges(running: np.ndarray, first_frame: int) -> list:
+    above = np.concatenate([[False], running > 0, [False]])
+    edges = np.flatnonzero(np.diff(above.astype(np.int8)))
+    return [(first_frame + int(a), first_frame + int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def lyapunov_exponent(model: nn.Module, frames, *, burn_in: int = BURN_IN, sigma: float | None = None,
+                      seed: int = 0, max_frames: int | None = None, batches: int = BATCHES,
+                      window: int = WINDOW, dampening: float | None = None, device=None) -> LyapunovResult:
+    """Largest Lyapunov exponent of ``model``'s recurrence along the stream ``frames``.
+
+    Args:
+        model: streams with ``model.process(x_t, state)`` (x_t: B×1×C×H×W), eval mode is
+            used and the training mode restored; weights get no gradients.
+        frames: a B×T×C×H×W or T×C×H×W clip, or an iterable of clips / C×H×W frames
+            (one continuous stream; e.g. ``trf.inputs`` of a TRF result).
+        burn_in: growths discarded at the start (50).
+        sigma: std of Gaussian noise added to every frame ([0, 1] scale), seeded by (seed, t).
+        seed: seeds the initial tangent and the noise.
+        max_frames: stop after this many stream frames (None: the whole stream).
+        batches: number of batch means for ``stderr`` (≥ 2).
+        window: frames of the running exponent behind ``positive_ranges``.
+        dampening: feature dampening λ to measure at (None: ``model.dampening`` as it is).
+        device: default the device of the model's parameters.
+    """
+    if int(burn_in) != burn_in or burn_in < 0:
+        raise ValueError(f"burn_in must be a non-negative integer of frames, got {burn_in}")
+    if sigma is not None and not 0 <= sigma <= 1:
+        raise ValueError(f"sigma is the noise std on the [0, 1] scale (e.g. 30/255) or None, got {sigma}")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if max_frames is not None and max_frames < 2:
+        raise ValueError(f"max_frames must be >= 2 (one frame sets the state, the next measures) "
+                         f"or None, got {max_frames}")
+    if batches < 2:
+        raise ValueError(f"batches must be >= 2 for a batch-means standard error, got {batches}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 frame, got {window}")
+    if not callable(getattr(model, "process", None)) or not getattr(model, "streamable", True):
+        raise ValueError(f"{type(model).__name__} cannot stream with process(x, state): the Lyapunov "
+                         "exponent follows the recurrence frame by frame")
+    settings = dict(burn_in=int(burn_in), sigma=sigma, seed=int(seed), max_frames=max_frames,
+                    batches=int(batches), window=int(window), dampening=dampening)
+    burn_in = int(burn_in)
+    if getattr(model, "is_recurrent", True) is False:
+        return LyapunovResult(-math.inf, 0.0, burn_in, 0, np.zeros(0), [], window=window, settings=settings,
+                              note="model.is_recurrent is False: no recurrent state, perturbations "
+                                   "leave with the input window (finite memory)")
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    in_channels = getattr(model, "in_channels", None)
+
+    growth: list[float] = []
+    note, state, delta, batch = "", None, None, None
+    t = -1
+    start = time.perf_counter()
+    scope = ExitStack()
+    scope.enter_context(evaluating(model, dampening))
+    scope.enter_context(torch.no_grad())
+    scope.enter_context(parametrize.cached())
+    flush = torch.set_flush_denormal(True)  # subnormal tangents of contractive maps are ~100x slower on x86
+    try:
+        for clip in _clips(frames):
+            if batch is None:
+                batch = clip.shape[0]
+            if clip.shape[0] != batch:
+                raise ValueError(f"all clips must have the same batch size B = {batch}, got {tuple(clip.shape)}")
+            if in_channels is not None and clip.shape[2] != in_channels:
+                raise ValueError(f"frames have {clip.shape[2]} channels, the model takes {in_channels}: "
+                                 f"shape {tuple(clip.shape)}")
+            for k in range(clip.shape[1]):
+                t += 1
+                if max_frames is not None and t >= max_frames:
+                    break
+                x = clip[:, k:k + 1].to(device)
+                if sigma:
+                    noise = torch.randn(x.shape, generator=make_generator(seed, t), dtype=x.dtype)
+                    x = x + sigma * noise.to(device)
+                if state is None:  # frame 0: the state whose perturbation we follow
+                    _, state = model.process(x, None)
+                    leaves, _ = tree_flatten(state)
+                    floats = [leaf for leaf in leaves if _is_float(leaf)]
+                    if not floats or sum(f.numel() for f in floats) == 0:
+                        note = "the state holds no floating-point tensor: no recurrent memory"
+                        break
+                    g = torch.Generator().manual_seed(int(seed))
+                    delta = [torch.randn(f.shape, generator=g, dtype=f.dtype).to(f.device) for f in floats]
+                    norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta))
+                    delta = [d / norm for d in delta]
+                    continue
+                leaves, spec = tree_flatten(state)
+                where = [i for i, leaf in enumerate(leaves) if _is_float(leaf)]
+                if len(where) != len(delta):
+                    raise RuntimeError(f"the state changed from {len(delta)} to {len(where)} floating "
+                                       "tensors between frames without process() returning it")
+
+                def step(*floats, x=x, leaves=leaves, spec=spec, where=where):
+                    full = list(leaves)
+                    for i, f in zip(where, floats):
+                        full[i] = f
+                    return model.process(x, tree_unflatten(full, spec))[1]
+
+                state, dstate = jvp(step, tuple(leaves[i] for i in where), tuple(delta))
+                new_leaves, _ = tree_flatten(state)
+                dleaves, _ = tree_flatten(dstate)
+                delta = [d for leaf, d in zip(new_leaves, dleaves) if _is_float(leaf)]
+                if not all(bool(torch.isfinite(leaf).all()) for leaf in new_leaves if _is_float(leaf)):
+                    note = f"the state is not finite after stream frame {t}: the trajectory diverged"
+                    break
+                norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta))
+                if not math.isfinite(norm):
+                    note = f"the tangent overflowed at stream frame {t}"
+                    break
+                if norm == 0:
+                    note = (f"the tangent vanished at stream frame {t}: the state forgets its past in "
+                            "finitely many frames")
+                    growth.append(-math.inf)
+                    break
+                growth.append(math.log(norm))
+                delta = [d / norm for d in delta]
+            else:
+                continue
+            break  # max_frames reached or the measurement ended inside this clip
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+        scope.close()
+    seconds = time.perf_counter() - start
+
+    per_frame = np.asarray(growth, dtype=np.float64)
+    if state is None and not note:
+        raise ValueError("frames is empty: at least 2 frames are needed")
+    if not len(per_frame) and not note:
+        raise ValueError("only one frame: at least 2 are needed (one sets the state, the next measures)")
+    if note.startswith("the state holds no") or (len(per_frame) and per_frame[-1] == -math.inf):
+        return LyapunovResult(-math.inf, 0.0, burn_in, 0, per_frame, [], note=note, window=window,
+                              seconds=seconds, settings=settings)
+    used_burn_in = burn_in
+    if len(per_frame) <= burn_in:
+        used_burn_in = 0
+        note = (note + "; " if note else "") + (f"only {len(per_frame)} growths for a burn-in of {burn_in}: "
+                                                "the burn-in was not discarded")
+    post = per_frame[used_burn_in:]
+    exponent = float(post.mean())
+    size = len(post) // batches
+    if size >= 1:
+        means = post[:size * batches].reshape(batches, size).mean(axis=1)
+        stderr = float(means.std(ddof=1) / math.sqrt(batches))
+        method = f"batch means: {batches} contiguous batches of {size} frames"
+    else:
+        stderr, method = math.nan, f"fewer than {batches} frames after the burn-in: no standard error"
+    result = LyapunovResult(exponent, stderr, used_burn_in, len(post), per_frame, [], note=note,
+                            method=method, window=window, seconds=seconds, settings=settings)
+    result.positive_ranges = _positive_ranges(result.running, used_burn_in + 1)
+    return result

@@ -1,0 +1,133 @@
+"""Checks that run before any work starts: places to write to, checkpoints to start from.
+
+A run that would fail after an hour (the first checkpoint into a read-only
+directory, a resumed state dict of another shape) fails in its first second
+instead, with one paragraph that names both sides: what the configuration asks
+for and what the place or the checkpoint has.
+
+- ``check_writable(path, key)``: the directory exists or can be created, and a
+  file can be written into it;
+- ``read_checkpoint(path, key)``: the file exists and is a Lightning checkpoint
+  of a ``VideoRestorationModule`` (it has ``hyper_parameters`` and ``state_dict``);
+- ``check_compatible(hparams, module_cfg, path)``: the checkpoint's model is the
+  one the config builds. The state dict is determined by the model config (every
+  key but ``init``; for older, flat hyper-parameters the ``ARCHITECTURE`` keys) and,
+  for a normalised model, every key of ``norm`` (``n`` sets the shape of the SRN-C
+  power-iteration buffers; ``kind``, ``alpha``, ``beta`` and ``loop_only`` decide
+  which convs are parametrised and how). The initialisation
+  and the training keys (learning rate, loss, schedule) may differ: loading
+  replaces the initial weights, and resuming with a new learning rate is legitimate.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+ARCHITECTURE = ("backbone", "recurrence", "task", "channels", "in_channels", "depth")
+NOT_MODEL = ("init",)  # model config keys that do not change what a state dict holds
+
+
+class PreflightError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+class MissingCheckpointError(PreflightError, FileNotFoundError):
+    """A checkpoint path that names no file."""
+
+
+def check_writable(path: str | os.PathLike, key: str) -> Path:
+    """Create ``path`` if needed and write (then delete) a probe file in it."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise PreflightError(
+            f"{key}={str(directory)!r} is not a writable directory ({type(error).__name__}: "
+            f"{error.strerror or error}). The run writes its checkpoints, logs and metrics there; "
+            f"point {key} at a directory you can write to (e.g. hydra.run.dir=<dir> for the whole run)."
+        ) from None
+    return directory
+
+
+def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict:
+    """Load a checkpoint on the CPU and check that it is one of this project's LightningModules."""
+    path = Path(path)
+    if not path.is_file():
+        where = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise MissingCheckpointError(
+            f"{key}={str(path)!r} {where} (relative paths are read from {os.getcwd()}). "
+            f"Give the path of a .ckpt file, e.g. <run dir>/checkpoints/last.ckpt, or drop {key} "
+            "to start a fresh run.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated file, not a torch file at all
+        raise PreflightError(
+            f"{key}={str(path)!r} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
+            "it may be truncated by a crash during the save: use another checkpoint of the run "
+            "(last.ckpt, best-*.ckpt, interrupted.ckpt).") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise PreflightError(
+            f"{key}={str(path)!r} is not a checkpoint of src/train.py: it has no 'state_dict' and "
+            f"'hyper_parameters' (found {found}). Resume from a checkpoint written by this project's "
+            "Trainer (<run dir>/checkpoints/*.ckpt).")
+    return checkpoint
+
+
+def model_spec(config: dict) -> dict:
+    """The model-defining values of a module config or of a checkpoint's hyper-parameters.
+
+    Two layouts are read: the model config nested under ``model`` (``{"model": {"_target_":
+    ..., "backbone": ..., "norm": {...}}}``: every key but ``init`` counts) and the flat one
+    of older checkpoints (the ``ARCHITECTURE`` keys and ``norm`` at the top level). Keys are
+    named as the current config sets them (``model.channels``, ``model.norm.n``); a norm of
+    kind ``none`` is just ``{"kind": "none"}`` (its other keys are unused).
+    """
+    if isinstance(config.get("model"), dict):
+        source = dict(config["model"])
+        keys = [k for k in source if k not in NOT_MODEL and k != "norm"]
+    else:
+        source, keys = config, list(ARCHITECTURE)
+    spec = {f"model.{k}": source.get(k) for k in keys}
+    norm = dict(source.get("norm") or {"kind": "none"})
+    if norm.get("kind", "none") == "none":
+        norm = {"kind": "none"}
+    spec.update({f"model.norm.{k}": v for k, v in norm.items()})
+    return spec
+
+
+def model_differences(hparams: dict, module_cfg: dict) -> list[tuple[str, object, object]]:
+    """``(config key, checkpoint value, config value)`` for every model-defining value that differs."""
+    saved, wanted = model_spec(hparams), model_spec(module_cfg)
+    keys = list(wanted) + [k for k in saved if k not in wanted]
+    if not (isinstance(hparams.get("model"), dict) and isinstance(module_cfg.get("model"), dict)):
+        keys = [k for k in keys if k.startswith("model.norm.") or k[len("model."):] in ARCHITECTURE]
+    return [(k, saved.get(k), wanted.get(k)) for k in keys if saved.get(k) != wanted.get(k)]
+
+
+def check_compatible(hparams: dict, module_cfg: dict, path: str | os.PathLike, key: str = "ckpt_path") -> None:
+    """Refuse a checkpoint whose model differs from the one ``module_cfg`` builds, naming every difference."""
+    diffs = model_differences(hparams, module_cfg)
+    if not diffs:
+        return
+    listed = "; ".join(f"{k}: checkpoint {old!r}, config {new!r}" for k, old, new in diffs)
+    overrides = " ".join(f"{k}={'null' if old is None else old}" for k, old, _ in diffs)
+    raise PreflightError(
+        f"{key}={str(path)!r} holds another model than the config builds ({listed}). Its weights cannot "
+        f"be loaded into this model. Either run with the checkpoint's settings (e.g. {overrides}) or start "
+        "a fresh run: drop ckpt_path / set resume=false, or give this run its own task_name or hydra.run.dir "
+        "so an old run's checkpoints are not picked up.")
+
+
+def check_checkpoint(path: str | os.PathLike, module_cfg: dict, key: str = "ckpt_path") -> dict:
+    """``read_checkpoint`` + ``check_compatible``; returns the checkpoint's hyper-parameters."""
+    checkpoint = read_checkpoint(path, key)
+    hparams = dict(checkpoint["hyper_parameters"])
+    check_compatible(hparams, module_cfg, path, key)
+    return hparams

@@ -1,0 +1,242 @@
+"""Temporal connections: what a model carries from frame t−1 to frame t (sections 1.1, 3.1, app. B).
+
+A connection is a small object that the :class:`~recstab.models.temporal.RecurrentVideoModel`
+asks, at every frame, what to feed and what to keep. It owns four things:
+
+- its **state** (``initial_state``): the fed-back tensors, zero before the first frame;
+- its **feed / update step**: ``feed`` returns the extra head input and the blocks' side
+  inputs (the fed-back signals, scaled by the dampening λ), ``update`` the next state;
+- its **in-loop convs** (``loop_convs``): what a Lipschitz constraint must bind;
+- its **part of the bound** (``certificate``): see :mod:`recstab.models.certificate`.
+
+=================== ========================================================= ==========
+class (name)        carried from t−1 to t                                     recurrent
+=================== ========================================================= ==========
+``NoRecurrence``    nothing; ``window=k`` (``mf3``, ``mf7``): the last k−1    no
+(none, mf3, mf7)    input frames (a causal multi-frame window)
+``FeatureShift``    each block's previous *input*, fed to the block's side    no
+(shift)             (information climbs one block per frame)
+``FeatureRecurrence`` each block's previous *output*, fed to its own side     yes
+(feat)
+``FrameRecurrence`` the previous output frame, fed to the head                yes
+(frame)             (space-to-depth for sr2)
+``RLSP`` (rlsp)     the previous last hidden features, fed to the head        yes
+``BiRLSP`` (birlsp) RLSP forward and backward in time, hidden features joined yes
+=================== ========================================================= ==========
+
+Every connection takes ``window`` (the multi-frame input of appendix B: ``rlsp-mf3`` is
+``RLSP(window=3)``). The input window itself is kept by the model, not the connection.
+
+A new connection is one subclass here (or anywhere: Hydra's ``_target_`` finds it) and
+one config file ``conf/recurrence/<name>.yaml``; see the README.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from recstab.models.certificate import (LoopCertificate, chain_certificate, feedforward_certificate,
+                                        triangular_certificate)
+
+
+class TemporalConnection:
+    """No recurrence: a single-frame (``window=1``) or causal multi-frame model."""
+
+    name = "none"
+    recurrent = False
+    bidirectional = False
+
+    def __init__(self, window: int = 1):
+        if int(window) != window or window < 1:
+            raise ValueError(f"window must be an integer >= 1 (number of input frames), got {window!r}")
+        self.window = int(window)
+
+    @property
+    def recurrence(self) -> str:
+        """The config name: ``feat``, ``mf3``, ``rlsp-mf7``, ..."""
+        if self.window == 1:
+            return self.name
+        return f"mf{self.window}" if self.name == "none" else f"{self.name}-mf{self.window}"
+
+    # -- shapes ------------------------------------------------------------------------------
+    def fed_channels(self, in_channels: int, channels: int, scale: int) -> int:
+        """Channels the connection appends to the head input (after the frame window)."""
+        return 0
+
+    def side_channels(self, channels: int) -> int:
+        """Channels it feeds to every block's side input."""
+        return 0
+
+    # -- state and step ----------------------------------------------------------------------
+    def initial_state(self, model, x: torch.Tensor) -> dict:
+        return {}
+
+    def feed(self, model, state: dict) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """(extra head inputs, per-block side inputs or None) for the current frame; the
+        fed-back signals are scaled by ``model.dampening``."""
+        return [], None
+
+    def update(self, state: dict, hidden, block_in, block_out, output) -> dict:
+        """The next state, from this frame's hidden features, block inputs/outputs and output."""
+        return {}
+
+    # -- stability structure -----------------------------------------------------------------
+    def loop_convs(self, model) -> list:
+        return []
+
+    def memory(self, model) -> int:
+        """Input frames y_t depends on, for connections without a loop."""
+        return self.window
+
+    def certificate(self, model, conv_norm) -> LoopCertificate:
+        return feedforward_certificate(self.memory(model))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(window={self.window})"
+
+
+NoRecurrence = TemporalConnection
+
+
+def _damp(tensor: torch.Tensor, dampening: float) -> torch.Tensor:
+    return tensor if dampening == 1 else dampening * tensor  # no copy when dampening is off
+
+
+def _zeros_like_features(model, x: torch.Tensor, count: int) -> list[torch.Tensor]:
+    b, _, _, h, w = x.shape
+    return [x.new_zeros(b, model.channels, h, w) for _ in range(count)]
+
+
+class FeatureShift(TemporalConnection):
+    """Each block sees its own *input* of the previous frame (not recurrent: finite memory)."""
+
+    name = "shift"
+
+    def side_channels(self, channels: int) -> int:
+        return channels
+
+    def initial_state(self, model, x):
+        return {"features": _zeros_like_features(model, x, len(model.body.blocks))}
+
+    def feed(self, model, state):
+        return [], state["features"]
+
+    def update(self, state, hidden, block_in, block_out, output):
+        return {"features": block_in}
+
+    def memory(self, model) -> int:
+        return self.window + len(model.body.blocks)  # block l's side reaches l frames back
+
+
+class FeatureRecurrence(TemporalConnection):
+    """Each block sees its own *output* of the previous frame: a block-triangular loop."""
+
+    name = "feat"
+    recurrent = True
+
+    def side_channels(self, channels: int) -> int:
+        return channels
+
+    def initial_state(self, model, x):
+        return {"features": _zeros_like_features(model, x, len(model.body.blocks))}
+
+    def feed(self, model, state):
+        return [], [_damp(f, model.dampening) for f in state["features"]]
+
+    def update(self, state, hidden, block_in, block_out, output):
+        return {"features": block_out}
+
+    def loop_convs(self, model) -> list:
+        return [conv for block in model.body.blocks for conv in block.convs()]
+
+    def certificate(self, model, conv_norm) -> LoopCertificate:
+        main, own = zip(*(block.lipschitz(conv_norm) for block in model.body.blocks))
+        return triangular_certificate(main, own, model.dampening,
+                                      state=f"the {len(own)} block outputs o_l of frame t−1")
+
+
+class FrameRecurrence(TemporalConnection):
+    """The previous output frame is fed to the head (space-to-depth for sr2)."""
+
+    name = "frame"
+    recurrent = True
+
+    def fed_channels(self, in_channels, channels, scale):
+        return in_channels * scale ** 2
+
+    def initial_state(self, model, x):
+        b, _, c, h, w = x.shape
+        return {"output": x.new_zeros(b, c, h * model.scale, w * model.scale)}
+
+    def feed(self, model, state):
+        return [F.pixel_unshuffle(_damp(state["output"], model.dampening), model.scale)], None
+
+    def update(self, state, hidden, block_in, block_out, output):
+        return {"output": output}
+
+    def loop_convs(self, model) -> list:
+        return model.body.convs() + [model.tail]
+
+    def certificate(self, model, conv_norm) -> LoopCertificate:
+        factors = model.body.chain_factors(conv_norm, fed_from=model.in_channels * self.window)
+        factors["tail"] = conv_norm(model.tail.weight)
+        return chain_certificate(factors, model.dampening, "the fed-back output frame y_{t−1}")
+
+
+class RLSP(TemporalConnection):
+    """Recurrent latent space propagation: the last hidden features are fed to the head."""
+
+    name = "rlsp"
+    recurrent = True
+
+    def fed_channels(self, in_channels, channels, scale):
+        return channels
+
+    def initial_state(self, model, x):
+        return {"hidden": _zeros_like_features(model, x, 1)[0]}
+
+    def feed(self, model, state):
+        return [_damp(state["hidden"], model.dampening)], None
+
+    def update(self, state, hidden, block_in, block_out, output):
+        return {"hidden": hidden}
+
+    def loop_convs(self, model) -> list:
+        return [conv for body in model.bodies for conv in body.convs()]
+
+    def certificate(self, model, conv_norm) -> LoopCertificate:
+        fed_from = model.in_channels * self.window
+        certificates = [chain_certificate(body.chain_factors(conv_norm, fed_from), model.dampening,
+                                          "the fed-back hidden features h_{t−1}") for body in model.bodies]
+        return max(certificates, key=lambda c: c.bound)
+
+
+class BiRLSP(RLSP):
+    """RLSP forward and backward in time (whole sequences only); the tail sees both."""
+
+    name = "birlsp"
+    bidirectional = True
+
+    def certificate(self, model, conv_norm) -> LoopCertificate:
+        cert = super().certificate(model, conv_norm)
+        return LoopCertificate(cert.bound, cert.norm + ", for each direction's recurrence (the larger bound)",
+                               cert.weights, cert.factors)
+
+
+CONNECTIONS = {c.name: c for c in (TemporalConnection, FeatureShift, FeatureRecurrence, FrameRecurrence,
+                                   RLSP, BiRLSP)}
+RECURRENCES = ("none", "mf3", "mf7", "shift", "feat", "frame", "rlsp", "birlsp",
+               "rlsp-mf3", "rlsp-mf7", "birlsp-mf3", "birlsp-mf7")
+
+
+def connection(recurrence: str | TemporalConnection) -> TemporalConnection:
+    """``'rlsp-mf3'`` -> ``RLSP(window=3)``; ``'mf7'`` -> ``NoRecurrence(window=7)``; objects pass through."""
+    if isinstance(recurrence, TemporalConnection):
+        return recurrence
+    if recurrence not in RECURRENCES:
+        raise ValueError(f"unknown recurrence {recurrence!r}; valid recurrences: {', '.join(RECURRENCES)}")
+    name, _, window = recurrence.partition("-")
+    if name.startswith("mf"):
+        return TemporalConnection(window=int(name[2:]))
+    return CONNECTIONS[name](window=int(window[2:]) if window else 1)

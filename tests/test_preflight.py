@@ -1,0 +1,151 @@
+"""Bad places fail before any work starts, with a message that names both sides."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from recstab.lit.launch import preflight, run_training
+from recstab.lit.preflight import (MissingCheckpointError, PreflightError, check_checkpoint,
+                                   check_compatible, check_writable, model_differences, read_checkpoint)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = {"backbone": "vresnet", "recurrence": "feat", "task": "denoise", "channels": 8, "in_channels": 3,
+         "depth": None, "init": "he", "norm": {"kind": "srnc", "alpha": 2.0, "beta": 0.1, "n": 16,
+                                              "power_iters": 1, "loop_only": False}}
+
+
+def nested(**changes) -> dict:
+    model = {**MODEL, **{k: v for k, v in changes.items() if k != "norm"}}
+    model["norm"] = {**MODEL["norm"], **changes.get("norm", {})}
+    return {"model": model, "lr": 1e-3, "loss": "mse"}
+
+
+def compose_cfg(run_dir: Path, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["debug=smoke", "logger=csv", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+        cfg.paths.log_dir = str(run_dir.parent / "logs")
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- writable places
+def test_unwritable_directory_names_key_path_and_reason(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PreflightError) as error:
+        check_writable(blocker / "checkpoints", "callbacks.model_checkpoint.dirpath")
+    message = str(error.value)
+    assert f"callbacks.model_checkpoint.dirpath='{blocker / 'checkpoints'}'" in message
+    assert "not a writable directory" in message and "NotADirectoryError" in message
+    assert check_writable(tmp_path / "new" / "dir", "paths.output_dir").is_dir()  # created, probe removed
+    assert list((tmp_path / "new" / "dir").iterdir()) == []
+
+
+# ---------------------------------------------------------------- checkpoint files
+def test_missing_directory_garbage_and_foreign_checkpoints(tmp_path):
+    with pytest.raises(MissingCheckpointError, match=f"ckpt_path='{tmp_path}/nope.ckpt' does not exist"):
+        read_checkpoint(tmp_path / "nope.ckpt")
+    with pytest.raises(FileNotFoundError, match="is a directory, not a checkpoint file"):
+        read_checkpoint(tmp_path)
+    (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 100)
+    with pytest.raises(PreflightError, match="not a readable PyTorch checkpoint"):
+        read_checkpoint(tmp_path / "junk.ckpt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(PreflightError, match=r"no 'state_dict' and 'hyper_parameters' \(found \['weights'\]\)"):
+        read_checkpoint(tmp_path / "plain.pt")
+
+
+# ---------------------------------------------------------------- same model?
+@pytest.mark.parametrize("change,key,saved,wanted", [
+    ({"backbone": "vdncnn"}, "model.backbone", "vdncnn", "vresnet"),
+    ({"recurrence": "rlsp"}, "model.recurrence", "rlsp", "feat"),
+    ({"channels": 16}, "model.channels", 16, 8),
+    ({"task": "sr2"}, "model.task", "sr2", "denoise"),
+    ({"norm": {"n": 64}}, "model.norm.n", 64, 16),
+    ({"norm": {"kind": "sn"}}, "model.norm.kind", "sn", "srnc"),
+])
+def test_another_model_names_both_sides(change, key, saved, wanted):
+    hparams = nested(**change)
+    assert model_differences(hparams, nested()) == [(key, saved, wanted)]
+    with pytest.raises(PreflightError) as error:
+        check_compatible(hparams, nested(), "/runs/x/last.ckpt")
+    message = str(error.value)
+    assert f"{key}: checkpoint {saved!r}, config {wanted!r}" in message
+    assert "ckpt_path='/runs/x/last.ckpt' holds another model" in message
+    assert f"{key}={saved}" in message  # the override that would match the checkpoint
+
+
+def test_same_model_with_other_training_settings_is_accepted():
+    hparams = nested(init="near_identity")
+    hparams["lr"] = 1e-5
+    check_compatible(hparams, nested(), "x.ckpt")
+    unnormalised = nested(norm={"kind": "none", "n": 64})  # an unused n does not matter
+    assert model_differences(unnormalised, nested(norm={"kind": "none", "n": 16})) == []
+
+
+def test_flat_hyper_parameters_of_older_checkpoints_are_read():
+    flat = {k: v for k, v in MODEL.items() if k != "norm"} | {"norm": dict(MODEL["norm"]), "channels": 32}
+    assert model_differences(flat, nested()) == [("model.channels", 32, 8)]
+
+
+# ---------------------------------------------------------------- through the configs
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real smoke run (SRN-C, n=16): its last.ckpt is the checkpoint of the tests below."""
+    run_dir = tmp_path_factory.mktemp("pre") / "run"
+    run_training(compose_cfg(run_dir, ["norm=srnc", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                                       "test=false"]))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_real_checkpoint_passes_and_another_n_fails_before_training(trained, tmp_path):
+    cfg = compose_cfg(tmp_path / "ok", ["norm=srnc", f"ckpt_path={trained}"])
+    assert preflight(cfg) == str(trained)
+    check_checkpoint(trained, OmegaConf.to_container(cfg.module, resolve=True))
+    cfg = compose_cfg(tmp_path / "bad", ["norm=srnc", "model.norm.n=32", f"ckpt_path={trained}"])
+    with pytest.raises(PreflightError, match="model.norm.n: checkpoint 16, config 32"):
+        run_training(cfg)
+    assert not (tmp_path / "bad" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_stale_interrupted_checkpoint_of_another_model_is_refused(trained, tmp_path):
+    run_dir = tmp_path / "reused"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    stale = run_dir / "checkpoints" / "interrupted.ckpt"
+    stale.write_bytes(trained.read_bytes())  # a crashed SRN-C run left it behind
+    cfg = compose_cfg(run_dir, ["norm=none", "resume=true"])  # now an unnormalised model in the same dir
+    with pytest.raises(PreflightError) as error:
+        run_training(cfg)
+    message = str(error.value)
+    assert f"'{stale}' holds another model" in message and "resume=true" in message
+    assert "model.norm.kind: checkpoint 'srnc', config 'none'" in message
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["interrupted.ckpt"]
+
+
+def test_unwritable_checkpoint_dir_fails_before_the_data_is_built(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    cfg = compose_cfg(tmp_path / "run", [f"callbacks.model_checkpoint.dirpath={tmp_path}/a_file/ckpts"])
+    with pytest.raises(PreflightError, match="callbacks.model_checkpoint.dirpath=.*a_file/ckpts.*not a writable"):
+        run_training(cfg)
+    assert not (tmp_path / "run" / "csv").exists()
+
+
+def test_cli_another_model_fails_with_one_paragraph(trained, tmp_path):
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "debug=smoke", "logger=csv", f"hydra.run.dir={tmp_path}",
+           "model=vdncnn", "norm=srnc", f"ckpt_path={trained}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "model.backbone: checkpoint 'vresnet', config 'vdncnn'" in result.stderr, result.stderr[-3000:]
+    assert "Seed set" not in result.stderr + result.stdout  # refused before anything was built
+    assert not (tmp_path / "checkpoints").exists()
