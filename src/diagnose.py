@@ -5,9 +5,14 @@
     python src/diagnose.py experiment=paper row=srnc_2.0_0.1     # the untrained model of that run
     python src/diagnose.py experiment=fig2
 
-Root config: conf/diagnose.yaml. The report (TRF, long-video onset test, exact conv
-spectra, Lipschitz bound, verdict) is written to ``${hydra:runtime.output_dir}/report``
-and to W&B (offline unless WANDB_MODE says otherwise).
+Root config: conf/diagnose.yaml. The report (exact conv spectra, loop certificate, TRF,
+Lyapunov exponent, long-video onset test, verdict) is written to
+``${hydra:runtime.output_dir}/report`` section by section, and to W&B (offline unless
+WANDB_MODE says otherwise). A killed diagnosis continues with ``resume=true`` (the newest
+unfinished report of the same name, or ``report_dir=<folder>``): the onset test restarts
+from its last progress point and its onsets equal an uninterrupted run's. Unreadable files
+of the long video are skipped and listed (``long_video.skip_bad``); when none is readable
+the diagnosis stops before measuring anything, naming every file and why.
 """
 
 from __future__ import annotations
@@ -56,10 +61,34 @@ def load_model(cfg: DictConfig):
     return model.to(pick_device(cfg.device)).eval()
 
 
+def report_dir(cfg: DictConfig, out_dir: Path) -> Path:
+    """Where the report goes: ``report_dir`` if set; with ``resume=true`` the newest earlier report
+    of this ``name`` under ``${paths.log_dir}/${task_name}`` that did not finish; else ``out_dir``."""
+    if cfg.get("report_dir"):
+        return Path(cfg.report_dir)
+    if not cfg.get("resume"):
+        return out_dir
+    import json
+    runs = Path(cfg.paths.log_dir) / cfg.task_name
+    candidates = []
+    for path in runs.glob("**/report.json"):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("name") == cfg.name and len(saved.get("sections", {})) < 5:  # a section never ran
+            candidates.append(path.parent)
+    if not candidates:
+        raise FileNotFoundError(f"resume=true but no unfinished report of name={cfg.name!r} under {runs}; "
+                                "pass report_dir=<its folder> or start afresh with resume=false")
+    return max(candidates, key=lambda p: (p / "report.json").stat().st_mtime)
+
+
 def run_report(cfg: DictConfig, out_dir: Path, run=None):
-    """Write the stability report of the configured model into ``out_dir``; return it."""
+    """Write the stability report of the configured model into ``out_dir`` (see :func:`report_dir`)."""
     from recstab.diagnostics import stability_report
 
+    out_dir = report_dir(cfg, out_dir)
     model = load_model(cfg)
     frames = None
     if cfg.onsets.enabled:
@@ -67,18 +96,24 @@ def run_report(cfg: DictConfig, out_dir: Path, run=None):
         stream = OmegaConf.to_container(cfg.long_video, resolve=True)
         if stream.get("gray") is None:
             stream["gray"] = int(model.in_channels) == 1
-        frames = LongVideo(**stream)
+        frames = LongVideo(**stream)  # probed by stability_report before anything is measured
     onset_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.onsets, resolve=True).items() if k != "enabled"}
+    lyapunov = OmegaConf.to_container(cfg.lyapunov, resolve=True) if cfg.get("lyapunov") else {"frames": 0}
+    if cfg.get("resume"):
+        log.info("resuming the report in %s", out_dir)
     report = stability_report(
         model, out_dir, clean_frames=frames, name=cfg.name, sigma=float(cfg.task.sigma) / 255,
         task=getattr(model, "task", cfg.task.name), trf_kwargs=OmegaConf.to_container(cfg.trf, resolve=True),
-        onset_kwargs=onset_kwargs, spectra_n=int(cfg.spectra_n), burst=cfg.get("burst"),
-        overlap=int(cfg.get("overlap") or 0), dampening=cfg.get("dampening"), run=run)
-    log.info("verdict: %s (Lipschitz bound %s, TRF %s extent %d)", report.verdict, report.lipschitz_bound,
-             report.trf.verdict, report.trf.extent)
+        onset_kwargs=onset_kwargs, lyapunov_kwargs=lyapunov, spectra_n=int(cfg.spectra_n),
+        burst=cfg.get("burst"), overlap=int(cfg.get("overlap") or 0), dampening=cfg.get("dampening"),
+        resume=bool(cfg.get("resume")), run=run)
+    log.info("verdict: %s — %s", report.verdict, "; ".join(report.notes))
+    failed = {k: v["error"] for k, v in report.sections.items() if v["status"] == "failed"}
+    for key, error in failed.items():
+        log.error("section %s failed: %s", key, error)
     if report.onsets is not None:
-        log.info("onsets: %d on %d frames, deciles %s, %.1f fps", report.onsets.n_onsets, report.onsets.frames,
-                 report.onsets.deciles, report.onsets.fps)
+        log.info("onsets: %d on %d frames (%d feedback divergences), deciles %s, %.1f fps", report.onsets.n_onsets,
+                 report.onsets.frames, sum(report.onsets.divergent), report.onsets.deciles, report.onsets.fps)
     log.info("report: %s", report.files["markdown"])
     return report
 
@@ -116,7 +151,11 @@ def main(cfg: DictConfig):
         if cfg.mode == "fig2":
             run_fig2(cfg, out_dir, run)
             return None
-        return run_report(cfg, out_dir / "report", run).verdict
+        report = run_report(cfg, out_dir / "report", run)
+        failed = [k for k, v in report.sections.items() if v["status"] == "failed"]
+        if failed:  # everything measured is written; the exit status says something failed
+            raise RuntimeError(f"report sections failed: {', '.join(failed)} (see {report.files['json']})")
+        return report.verdict
     finally:
         if run is not None:
             run.finish()

@@ -78,37 +78,30 @@ def grid_upper_bound(weight, n: int = 64) -> float:
     return grid / math.cos(math.pi * (k - 1) / (2 * n)) ** 2
 
 
-def certificate(model) -> tuple[float, str]:
-    """(L̂, norm statement): the model's loop certificate at its current dampening λ."""
+def loop_certificate(model):
+    """The model's loop certificate at its current dampening λ (``recstab.diagnostics.engine``); where
+    ``recstab.norms.conv_norm_bound`` is not available, with :func:`grid_upper_bound` per conv."""
+    from recstab.diagnostics import engine
     try:
-        cert = model.loop_certificate()
-    except ImportError:  # no recstab.norms.conv_norm_bound in this checkout
-        cert = model.loop_certificate(grid_upper_bound)
+        return engine.certificate(model)
+    except ImportError:
+        return model.loop_certificate(grid_upper_bound)
+
+
+def certificate(model) -> tuple[float, str]:
+    """(L̂, the norm it holds in)."""
+    cert = loop_certificate(model)
     return float(cert.bound), str(cert.norm)
 
 
-def noisy_clip(frames: int, size: int, sigma: float, channels: int, seed: int = 0, video=None):
-    """1×T×C×size×size: frames of the bundled real videos (or ``video``) plus N(0, σ²) noise.
-
-    The noise of frame i depends only on (seed, i). ``sigma`` is on the 0-255 scale.
-    """
-    import torch
-
-    from recstab.data.degradations import make_generator
+def lyapunov_clip(model, frames: int, size: int, sigma: float, seed: int = 0, video=None):
+    """1×T×C×size×size: the first ``frames`` frames of the bundled real videos (or ``video``), centre
+    crop, degraded as the onset test degrades them (``sigma`` on the 0-255 scale, noise seeded by (seed, i))."""
     from recstab.data.long_video import LongVideo
+    from recstab.diagnostics import engine
 
-    stream = video if video is not None else LongVideo(loop_to=frames, crop=size, resize=max(size, 64),
-                                                       gray=channels == 1)
-    clean = []
-    for frame in stream:
-        clean.append(frame[:channels])
-        if len(clean) == frames:
-            break
-    if len(clean) < frames:
-        raise ValueError(f"the video gave {len(clean)} frames, {frames} needed")
-    clean = torch.stack(clean)
-    noise = torch.stack([torch.randn(clean.shape[1:], generator=make_generator(seed, i)) for i in range(frames)])
-    return (clean + sigma / 255 * noise).unsqueeze(0)
+    stream = video if video is not None else LongVideo(loop_to=frames, gray=int(model.in_channels) == 1)
+    return engine.lyapunov_input(model, stream, frames, sigma=sigma / 255, seed=seed, size=size).clip
 
 
 @dataclass
@@ -121,6 +114,7 @@ class Measurement:
     lyapunov_stderr: float
     trf_verdict: str
     trf_extent: int
+    trf_growth_rate: float
     verdict: str
     psnr: list = field(default_factory=list)  # validation PSNR per frame (dB), when measured
 
@@ -130,23 +124,18 @@ class Measurement:
 
 
 def measure(model, clip, dampening: float, *, trf: dict, burn_in: int) -> Measurement:
-    """Certificate, λ₁ on ``clip`` and the TRF stress test of ``model`` with feature dampening λ.
-
-    The verdict follows the stability report: "certified stable" when L̂ < 1, "proven
-    unstable" when the TRF is unbounded, else "empirically stable".
-    """
-    from recstab.diagnostics import temporal_receptive_field
-    from recstab.diagnostics.lyapunov import lyapunov_exponent
-    from recstab.diagnostics.report import decide
+    """Certificate, λ₁ on ``clip`` and the TRF stress test of ``model`` with feature dampening λ,
+    and the verdict of ``recstab.diagnostics.engine.decide`` on them."""
+    from recstab.diagnostics import engine
     from recstab.models.dampening import evaluating
 
     with evaluating(model, dampening):
-        bound, _ = certificate(model)
-        le = lyapunov_exponent(model, clip, burn_in=burn_in)
-        result = temporal_receptive_field(model, **trf)
-    verdict, _ = decide(bound, result, None)
-    return Measurement(float(dampening), bound, bound < 1, le.exponent, le.stderr, result.verdict,
-                       int(result.extent), verdict)
+        cert = loop_certificate(model)
+        lyap = engine.lyapunov(model, clip, burn_in=burn_in)
+        result = engine.trf(model, **trf)
+    verdict, _ = engine.decide(cert, result, None, lyap)
+    return Measurement(float(dampening), float(cert.bound), bool(cert.certified), float(lyap.exponent),
+                       float(lyap.stderr), result.verdict, int(result.extent), float(result.growth_rate), verdict)
 
 
 def stable(m: Measurement, margin: float) -> bool:
@@ -216,7 +205,8 @@ def normalised_module(hparams: dict, state_dict: dict, norm: dict, **overrides):
     from recstab.lit.module import VideoRestorationModule
     from recstab.norms import refresh
 
-    module = VideoRestorationModule(**{**hparams, "norm": dict(norm), **overrides})
+    model = {**dict(hparams["model"]), "norm": dict(norm)}
+    module = VideoRestorationModule(**{**hparams, "model": model, **overrides})
     target = module.state_dict()
     mapped, missing = {}, []
     for key in target:
@@ -273,7 +263,7 @@ def make_datamodule(cfg: DictConfig, hparams: dict, ckpt_path: Path):
     run = run_config(ckpt_path) if cfg.data_from_run else None
     node = run.data if run is not None else cfg.data
     data = OmegaConf.to_container(node, resolve=True)
-    data.update(frames=int(hparams["frames"]), in_channels=int(hparams["in_channels"]),
+    data.update(frames=int(hparams["frames"]), in_channels=int(hparams["model"].get("in_channels", 3)),
                 **OmegaConf.to_container(cfg.data_overrides, resolve=True))
     return hydra.utils.instantiate(data, _convert_="all"), data
 
@@ -282,7 +272,8 @@ def make_datamodule(cfg: DictConfig, hparams: dict, ckpt_path: Path):
 ROWS = (("PSNR_7 (dB, val)", "psnr_7", "{:.2f}"), ("verdict", "verdict", "{}"),
         ("certified bound L̂", "bound", "{:.3g}"), ("Lyapunov λ₁", "lyapunov", "{:+.3f}"),
         ("λ₁ stderr", "lyapunov_stderr", "{:.3f}"), ("TRF", "trf_verdict", "{}"),
-        ("TRF extent", "trf_extent", "{}"), ("dampening λ", "dampening", "{:.3f}"))
+        ("TRF extent", "trf_extent", "{}"), ("TRF growth rate", "trf_growth_rate", "{:+.3f}"),
+        ("dampening λ", "dampening", "{:.3f}"))
 
 
 def _cell(m: Measurement, key: str, fmt: str) -> str:
@@ -400,8 +391,8 @@ def stabilise(cfg: DictConfig, out_dir: Path) -> dict:
     hp = dict(module.hparams)
     datamodule, data_cfg = make_datamodule(cfg, hp, path)
     ly = cfg.lyapunov
-    clip = noisy_clip(int(ly.burn_in) + int(ly.frames), int(ly.size), float(cfg.sigma), int(hp["in_channels"]),
-                      int(ly.seed))
+    clip = lyapunov_clip(module.model, int(ly.burn_in) + int(ly.frames), int(ly.size), float(cfg.sigma),
+                         int(ly.seed))
     reports = {}
     if cfg.method in ("dampening", "both"):
         reports["dampening"] = stabilise_dampening(module, clip, datamodule, cfg, out_dir / "dampening", ckpt)

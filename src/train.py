@@ -36,9 +36,12 @@ def record_failure(error: BaseException) -> Path:
     trace = out / "traceback.txt"
     trace.write_text("".join(traceback.format_exception(type(error), error, error.__traceback__)))
     job_log = out / f"{hydra_cfg.job.name}.log"  # Hydra's job log file (hydra/job_logging default)
+    cause = error  # Hydra wraps what the code raised (InstantiationException): name the original
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
     failed = out / "failed.json"
     failed.write_text(json.dumps({
-        "error": f"{type(error).__name__}: {error}", "traceback": str(trace),
+        "error": f"{type(cause).__name__}: {cause}", "raised": type(error).__name__, "traceback": str(trace),
         "log": str(job_log) if job_log.is_file() else None, "overrides": list(hydra_cfg.overrides.task),
     }, indent=2))
     return failed

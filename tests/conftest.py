@@ -29,3 +29,120 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+# ---------------------------------------------------------------------------------------------- shared fixtures
+CONF = ROOT / "conf"
+
+
+def _compose(config_name: str = "train", overrides=(), output_dir: Path | None = None):
+    """Compose conf/<config_name>.yaml as `python src/<config_name>.py <overrides>` would.
+
+    With ``output_dir`` the Hydra runtime is set up as for a real run writing there
+    (``${hydra:runtime.output_dir}``, ``paths.log_dir=<output_dir>/logs``), so the config
+    can be handed to ``run_training`` directly.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.num = 0
+            cfg.paths.log_dir = str(Path(output_dir) / "logs")
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """``compose(config_name="train", overrides=[...], output_dir=None)`` -> the composed config."""
+    return _compose
+
+
+def _run_script(script: str, args, cwd: Path, env: dict | None = None, timeout: int = 900):
+    """Run ``python src/<script> <args>`` in ``cwd`` (W&B disabled, one thread unless ``env`` says otherwise)."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "src" / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """``run_script("train.py", [overrides...], cwd, env=None)`` -> the CompletedProcess."""
+    return _run_script
+
+
+EVALUATION_SWEEPS = {"table7", "fig12"}  # sweeps over one trained checkpoint (train=false ckpt_path=...)
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """``smoke_sweep(name)`` -> the dir of `python src/train.py -m sweep=<name> debug=smoke`, run once per session
+    (the evaluation sweeps evaluate a VResNet-feat trained for 3 steps, also trained once)."""
+    root = tmp_path_factory.mktemp("smoke_sweeps")
+    done: dict = {}
+
+    def checkpoint() -> Path:
+        ckpt = root / "vresnet_feat" / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            result = _run_script("train.py", ["debug=smoke", "logger=csv", f"hydra.run.dir={root / 'vresnet_feat'}"], root)
+            assert result.returncode == 0, result.stderr[-3000:]
+        return ckpt
+
+    def run(name: str) -> Path:
+        if name not in done:
+            extra = [f"ckpt_path={checkpoint()}"] if name in EVALUATION_SWEEPS else []
+            result = _run_script("train.py", ["-m", f"sweep={name}", "debug=smoke", f"hydra.sweep.dir={root / name}",
+                                              *extra], root)
+            assert result.returncode == 0, result.stderr[-4000:]
+            done[name] = root / name
+        return done[name]
+
+    run.root = root
+    return run
+
+
+def _write_vimeo90k(root: Path, n_sequences: int = 3, size: tuple[int, int] = (96, 64),
+                    frames: int = 7, still: str = "astronaut") -> Path:
+    """Write a tiny data set in exactly the Vimeo-90k septuplet layout; return ``root``.
+
+    ``n_sequences`` go to ``sep_trainlist.txt`` and ``n_sequences`` others to
+    ``sep_testlist.txt`` (spread over two top folders, like "00001/0001"). Frames
+    are ``size = (W, H)`` crops of a scikit-image photograph, panned by a few
+    pixels per frame with a different offset and velocity per sequence, so content
+    really moves. ``frames`` < 7 writes incomplete sequences (for error tests).
+    """
+    from torchvision.io import encode_png, write_file
+
+    from recstab.data.synthetic import load_still
+
+    root = Path(root)
+    width, height = size
+    image = (load_still(still, 3) * 255).round().to(torch.uint8)
+    _, big_h, big_w = image.shape
+    names = [f"{1 + k // 2:05d}/{1 + k % 2:04d}" for k in range(2 * n_sequences)]
+    for k, name in enumerate(names):
+        vx, vy = (k % 3) - 1, (k % 2) * 2 - 1  # pixels/frame, in [-1, 1]
+        x0 = 8 + (13 * k) % max(big_w - width - 16, 1)
+        y0 = 8 + (29 * k) % max(big_h - height - 16, 1)
+        folder = root / "sequences" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for t in range(frames):
+            x, y = x0 + vx * t, y0 + vy * t
+            write_file(str(folder / f"im{t + 1}.png"), encode_png(image[:, y:y + height, x:x + width].contiguous()))
+    (root / "sep_trainlist.txt").write_text("\n".join(names[:n_sequences]) + "\n")
+    (root / "sep_testlist.txt").write_text("\n".join(names[n_sequences:]) + "\n\n")  # trailing blank, as the original
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_vimeo90k():
+    """``write_vimeo90k(root, n_sequences=3, size=(W, H), frames=7)``: a tiny Vimeo-90k septuplet tree."""
+    return _write_vimeo90k

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import write_vimeo90k
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torchvision.io import decode_png, read_file
@@ -23,7 +22,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
 @pytest.fixture(scope="module")
-def vimeo(tmp_path_factory) -> Path:
+def vimeo(tmp_path_factory, write_vimeo90k) -> Path:
     return write_vimeo90k(tmp_path_factory.mktemp("data") / "vimeo_septuplet", n_sequences=3, size=(96, 64))
 
 
@@ -164,7 +163,7 @@ def test_vimeo_test_is_full_resolution_in_list_order(vimeo):
     assert Vimeo90k(vimeo, "test", task="sr2", sigma=0)[0]["input"].shape == (7, 3, 32, 48)
 
 
-def test_vimeo_refuses_bad_values(vimeo, tmp_path):
+def test_vimeo_refuses_bad_values(vimeo, tmp_path, write_vimeo90k):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as info:
         Vimeo90k(missing)

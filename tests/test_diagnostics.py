@@ -1,4 +1,4 @@
-"""Diagnostics (issue 4): TRF, onset test, burst processing, dampening, report, Figure 2, callbacks, CLI."""
+"""Diagnostics: TRF, onset test, burst processing, dampening, report, Figure 2, callbacks, CLI."""
 
 from __future__ import annotations
 
@@ -92,50 +92,7 @@ def tiny(recurrence="feat", channels=4, seed=0, task="denoise"):
     return build_model("vresnet", recurrence, task, channels)
 
 
-# ---------------------------------------------------------------------------------- TRF
-def test_trf_contraction_is_bounded_with_the_predicted_extent():
-    model = LinearRecurrence(0.5)
-    trf = temporal_receptive_field(model, frames=81, size=8, iters=10)
-    assert trf.verdict == "bounded" and not trf.stopped_early
-    # influence of x_{-k} is (0.2·0.5^k)² / 0.2² = 0.25^k > 1e-6  <=>  k <= 9: ten frames
-    assert trf.extent == 10
-    assert np.allclose(trf.influence[40 - 5], 0.25 ** 5, rtol=1e-4)
-    assert trf.inputs.shape == (81, 3, 8, 8) and trf.outputs.shape == (81, 3, 8, 8)
-    assert 0 <= float(trf.inputs.min()) and float(trf.inputs.max()) <= 1   # X stays in [0, 1]
-    assert trf.p_history[-1] > trf.p_history[0] + 0.1  # |p| grows under the ascent
-    assert model.gain.grad is None and model.training                   # weights and mode untouched
-
-
-def test_trf_expansion_is_unbounded_and_stops_early():
-    trf = temporal_receptive_field(LinearRecurrence(1.5), frames=81, size=8, iters=50)
-    assert trf.verdict == "unbounded" and trf.stopped_early and trf.iterations == 1
-    assert "1e+06" in trf.reason and trf.extent == 41
-
-
-def test_trf_long_memory_fills_the_window():
-    trf = temporal_receptive_field(LinearRecurrence(0.9), frames=41, size=4, iters=3)
-    assert trf.verdict == "unbounded" and not trf.stopped_early and "x_-20" in trf.reason
-
-
-def test_trf_nan_output_is_proof_of_divergence():
-    trf = temporal_receptive_field(BreaksAfter(5), frames=21, size=4, iters=5)
-    assert trf.verdict == "unbounded" and trf.stopped_early and "non-finite" in trf.reason
-
-
-def test_trf_of_untrained_models_and_picture(tmp_path):
-    assert temporal_receptive_field(tiny("feat"), frames=41, size=8, iters=2).verdict == "unbounded"
-    ff = temporal_receptive_field(tiny("mf3"), frames=21, size=8, iters=2)
-    assert ff.verdict == "bounded" and ff.extent == 3   # causal 3-frame window
-    path = ff.save_png(tmp_path / "trf.png")
-    assert path.stat().st_size > 5000
-    json.dumps(ff.to_dict())
-
-
-def test_trf_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="odd.*80"):
-        temporal_receptive_field(LinearRecurrence(0.5), frames=80)
-    with pytest.raises(ValueError, match="threshold"):
-        temporal_receptive_field(LinearRecurrence(0.5), threshold=2.0)
+# TRF tests: tests/test_trf.py
 
 
 # ---------------------------------------------------------------------------------- onsets
@@ -248,25 +205,86 @@ def test_srnc_half_is_bounded_and_certified(tmp_path):
     apply_norm(model, "srnc", alpha=0.5, beta=1.0, n=16)
     refresh(model)
     report = stability_report(model, tmp_path / "srnc", clean_frames=frames(30, size=16),
-                              trf_kwargs=dict(frames=41, size=16, iters=5), spectra_n=16)
+                              trf_kwargs=dict(frames=41, size=16, iters=5), spectra_n=16,
+                              lyapunov_kwargs=dict(frames=30, size=8, burn_in=5))
     assert report.trf.verdict == "bounded" and report.trf.extent <= 4
-    assert report.lipschitz_bound < 1 and report.verdict == "certified stable"
-    assert all(abs(c["spectral_norm"] - 0.5) < 0.01 for c in report.convs)
-    assert report.onsets.onsets == []
+    assert report.certificate.certified and report.bound < 1 and report.verdict == "certified stable"
+    assert all(abs(c["sigma1"] - 0.5) < 0.01 for c in report.convs)
+    assert report.onsets.onsets == [] and report.lyapunov.exponent < 0  # a contraction forgets its state
+    assert "a theorem" in (tmp_path / "srnc" / "report.md").read_text()
 
 
 def test_report_writes_its_files_and_an_unstable_verdict(tmp_path):
     pytest.importorskip("recstab.norms")
-    report = stability_report(tiny("feat"), tmp_path / "he", clean_frames=frames(12, size=16),
-                              trf_kwargs=dict(frames=21, size=8, iters=2), spectra_n=8)
-    assert report.verdict == "proven unstable" and report.lipschitz_bound > 1
-    for name in ("trf.png", "onsets.png", "spectra.png", "report.json", "report.md"):
+    model = tiny("feat")
+    report = stability_report(model, tmp_path / "he", clean_frames=frames(12, size=16),
+                              trf_kwargs=dict(frames=21, size=8, iters=2), spectra_n=8,
+                              lyapunov_kwargs=dict(frames=20, size=8, burn_in=5))
+    assert report.verdict == "proven unstable" and report.bound > 1 and report.trf.verdict == "unbounded"
+    for name in ("trf.png", "onsets.png", "spectra.png", "report.json", "report.md", "trf_unbounded_sequence.pt"):
         assert (tmp_path / "he" / name).stat().st_size > 100
     data = json.loads((tmp_path / "he" / "report.json").read_text())
     assert data["verdict"] == "proven unstable" and len(data["convs"]) == 12
+    assert data["metrics"]["stability/verdict_code"] == 3.0 and data["metrics"]["stability/trf_unbounded"] == 1.0
     assert "**Verdict: proven unstable**" in (tmp_path / "he" / "report.md").read_text()
+    # the proof: the saved sequence, replayed through the model, reproduces the diverging outputs
+    proof = torch.load(tmp_path / "he" / "trf_unbounded_sequence.pt")
+    assert proof["replayed_outputs_agree"] and proof["inputs"].shape == (21, 3, 8, 8)
+    with torch.no_grad():
+        replay = model.eval()(proof["inputs"][None])[0]
+    assert torch.allclose(replay, proof["outputs"], rtol=1e-3, atol=1e-4, equal_nan=True)
     ff = stability_report(tiny("none"), tmp_path / "ff", trf_kwargs=dict(frames=11, size=8, iters=2), spectra_n=8)
-    assert ff.verdict == "certified stable" and ff.lipschitz_bound == 0.0  # no loop at all
+    assert ff.verdict == "certified stable" and ff.bound == 0.0  # no loop at all
+
+
+def test_conv_spectra_measure_the_operator_and_skip_strided_convs():
+    from recstab.diagnostics import conv_spectra
+    from recstab.norms import spectral_norm_fft, stable_rank
+
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 3, stride=2), nn.Conv2d(3, 2, 1))
+    spectra = conv_spectra(net, 6)
+    assert [r["name"] for r in spectra.rows] == ["0", "2"] and "stride" in spectra.skipped["1"]
+    # independent: the dense matrix of the circular conv on a 6×6 map, column by column
+    eye = torch.eye(2 * 36, dtype=torch.float64).reshape(-1, 2, 6, 6)
+    w = net[0].weight.detach().double()
+    dense = torch.nn.functional.conv2d(torch.nn.functional.pad(eye, (1, 1, 1, 1), mode="circular"), w)
+    sv = torch.linalg.svdvals(dense.reshape(72, -1).T)
+    row = spectra.rows[0]
+    assert row["sigma1"] == pytest.approx(float(sv[0]), rel=1e-9)
+    assert row["srank"] == pytest.approx(float((sv ** 2).sum() / sv[0] ** 2), rel=1e-9)
+    assert row["srank"] == pytest.approx(stable_rank(w, 6), rel=1e-6)
+    metrics = spectra.metrics()
+    assert metrics["spectra/0/sigma1"] == pytest.approx(spectral_norm_fft(w, 6))
+    assert metrics["spectra/convs"] == 2.0 and metrics["spectra/sigma1_max"] >= metrics["spectra/0/sigma1"]
+
+
+class _Lyap:
+    def __init__(self, exponent, stderr=0.01, positive_ranges=()):
+        self.exponent, self.stderr, self.positive_ranges = exponent, stderr, list(positive_ranges)
+
+
+class _Cert:
+    def __init__(self, bound):
+        self.bound, self.certified, self.norm = bound, bound < 1, "the l2 norm of the state"
+
+
+def test_verdict_words_match_what_was_proved():
+    from recstab.diagnostics.engine import decide
+
+    breaks = instability_onsets(BreaksAfter(7), frames(30))   # NaN after 7 frames of state: divergences
+    bad = instability_onsets(BreaksAfter(1), frames(10))      # fails from the initial state too: bad outputs
+    fine = instability_onsets(LinearRecurrence(0.0, b=1.0), frames(10))
+    assert breaks.diverged and breaks.divergences[0] == (0, 6) and not bad.diverged and bad.n_onsets == 10
+    assert decide(_Cert(0.5), None, breaks, _Lyap(0.3))[0] == "certified stable"   # a theorem wins
+    assert "CONTRADICTION" in " ".join(decide(_Cert(0.5), None, breaks)[1])
+    verdict, notes = decide(_Cert(2.0), None, breaks, _Lyap(-0.2))
+    assert verdict == "proven unstable" and "stream frames 0-6" in " ".join(notes)
+    verdict, notes = decide(_Cert(2.0), None, fine, _Lyap(-0.25), measured_on="frames 0-99 of the long video")
+    assert verdict == "empirically stable" and "margin 0.25" in " ".join(notes)
+    verdict, notes = decide(_Cert(2.0), None, bad, _Lyap(0.3, positive_ranges=[(50, 80)]), measured_on="frames 0-99")
+    text = " ".join(notes)
+    assert verdict == "inconclusive" and "not proof" in text and "50-79" in text and "not feedback divergences" in text
+    assert decide(_Cert(2.0), None, fine, None)[0] == "inconclusive"   # no margin measured
 
 
 # ---------------------------------------------------------------------------------- figure 2
@@ -282,7 +300,7 @@ def test_callbacks_log_trf_and_onsets_during_training(tmp_path, caplog, two_vide
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from recstab.lit.stability_callbacks import OnsetTest, TRFMonitor
+    from recstab.lit.stability_callbacks import OnsetTest, StabilityMonitor
 
     class Module(L.LightningModule):
         def __init__(self):
@@ -302,15 +320,17 @@ def test_callbacks_log_trf_and_onsets_during_training(tmp_path, caplog, two_vide
     trainer = L.Trainer(max_steps=2, val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
                         logger=CSVLogger(tmp_path), default_root_dir=tmp_path, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu",
-                        callbacks=[TRFMonitor(every_n_val_epochs=1, frames=11, size=8, iters=1),
+                        callbacks=[StabilityMonitor(every_n_val_epochs=1, frames=11, size=8, iters=1,
+                                                    lyapunov={"frames": 20, "size": 8, "burn_in": 5}),
                                    OnsetTest(long_video={"paths_or_folder": str(two_videos_dir)},
                                              max_frames=8, chunk=4)])
     with caplog.at_level(logging.WARNING):
         trainer.fit(Module(), data, data)
     assert "UNSTABLE" in caplog.text
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-    for key in ("stability/trf_unbounded", "stability/trf_extent", "long/onset_d1", "long/onset_d9",
-                "long/n_onsets", "long/fps"):
+    for key in ("stability/trf_unbounded", "stability/trf_extent", "stability/trf_growth_rate",
+                "stability/verdict_code", "stability/bound", "stability/lyapunov", "stability/lyapunov_stderr",
+                "long/onset_d1", "long/onset_d9", "long/n_onsets", "long/n_divergences", "long/fps"):
         assert key in metrics
     assert list((tmp_path / "stability").glob("trf_step*.png")) and (tmp_path / "stability" / "onsets.png").exists()
 
@@ -354,13 +374,15 @@ def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, tw
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     small = ["model.channels=4", "trf.frames=11", "trf.size=8", "trf.iters=2", "onsets.max_frames=6",
-             f"data.paths_or_folder={two_videos_dir}", "data.loop_to=null", "spectra_n=8",
+             f"long_video.paths_or_folder={two_videos_dir}", "long_video.loop_to=null", "spectra_n=8",
+             "lyapunov.frames=20", "lyapunov.size=8", "lyapunov.burn_in=5",
              "wandb.enabled=false", f"paths.log_dir={tmp_path}"]
-    report = cli.run_report(_compose(repo_root, small + ["norm=srnc", "norm.alpha=0.5", "norm.beta=1.0",
-                                                         "norm.n=8"]), tmp_path / "cfg")
+    report = cli.run_report(_compose(repo_root, small + ["norm=srnc", "model.norm.alpha=0.5", "model.norm.beta=1.0",
+                                                         "model.norm.n=8"]), tmp_path / "cfg")
     assert report.verdict == "certified stable" and (tmp_path / "cfg" / "report.md").exists()
 
-    module = VideoRestorationModule(backbone="vresnet", recurrence="feat", channels=4)
+    module = VideoRestorationModule(model={"_target_": "recstab.models.build_model", "backbone": "vresnet",
+                                           "recurrence": "feat", "channels": 4})
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": L.__version__}, ckpt)

@@ -1,4 +1,4 @@
-"""LongVideo: decord (or PyAV) decoding of many files as one ordered stream (issue 4, item 3)."""
+"""LongVideo: decord (or PyAV) decoding of many files as one ordered stream."""
 
 from __future__ import annotations
 
@@ -153,3 +153,40 @@ def test_bad_arguments_are_named():
         LongVideo(backend="opencv")
     with pytest.raises(ValueError, match="empty list"):
         LongVideo([])
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_iter_from_seeks_to_the_same_frames(tmp_path, backend):
+    if backend == "decord" and not HAS_DECORD:
+        pytest.skip("decord not installed")
+    write_video(tmp_path / "a.mp4", frames=13, height=16, width=16, level=30)
+    write_video(tmp_path / "b.mp4", frames=7, height=16, width=16, level=150)
+    video = LongVideo(tmp_path, loop_to=45, backend=backend)
+    whole = list(video)
+    for start in (0, 5, 12, 13, 19, 20, 33, 44):  # inside a file, at its boundaries, in the second pass
+        part = list(video.iter_from(start))
+        assert len(part) == 45 - start
+        assert all(torch.equal(x, y) for x, y in zip(whole[start:], part)), start
+    assert list(video.iter_from(45)) == []
+    with pytest.raises(ValueError, match="start"):
+        next(video.iter_from(-1))
+
+
+def test_probe_names_every_unreadable_file_and_why(tmp_path):
+    good = write_video(tmp_path / "good.mp4", frames=4, height=16, width=16)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "text.mp4").write_bytes(b"not a video at all\n" * 30)
+    cut = write_video(tmp_path / "cut.mp4", frames=30, height=16, width=16, faststart=True)
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size * 7 // 10])
+    with pytest.raises(VideoDecodeError) as error:
+        LongVideo(tmp_path).probe()  # skip_bad off: every bad file named, nothing dropped
+    assert all(n in str(error.value) for n in ("empty.mp4", "text.mp4", "cut.mp4"))
+    video = LongVideo(tmp_path, skip_bad=True)
+    with pytest.warns(RuntimeWarning, match="empty.mp4"):
+        dropped = video.probe()
+    assert sorted(p.name for p, _ in dropped) == ["cut.mp4", "empty.mp4", "text.mp4"]
+    assert video.files == [good] and video.skipped == dropped and len(list(video)) == 4
+    assert dict((p.name, r) for p, r in dropped)["empty.mp4"].endswith("empty file (0 bytes)")
+    only_bad = LongVideo([tmp_path / "empty.mp4", tmp_path / "text.mp4"], skip_bad=True)
+    with pytest.raises(VideoDecodeError, match=r"no readable video among the 2 file\(s\).*empty.mp4.*text.mp4"):
+        only_bad.probe()

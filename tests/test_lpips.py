@@ -369,3 +369,19 @@ def test_bad_inputs_are_named(homes):
         recstab.metrics.lpips(x, x[..., :16])
     with pytest.raises(ValueError, match="1-based, got 0"):
         make_lpips_metric(frame=0)
+
+
+def test_offline_metric_is_torchmetrics_metric(homes, monkeypatch):
+    """OfflineLPIPS skips the parent's __init__ (its hub download): same state as the parent built
+    with the same network, same value."""
+    import torchmetrics.image.lpip as tm_image
+
+    monkeypatch.setattr(tm_image, "_NoTrainLpips", lambda net: build_lpips_network())
+    parent = tm_image.LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean", normalize=True)
+    ours = lpips_module.OfflineLPIPS()
+    assert set(vars(ours)) == set(vars(parent)) and set(ours._defaults) == set(parent._defaults)
+    assert (ours.reduction, ours.normalize) == (parent.reduction, parent.normalize)
+    x, y = image_pairs()[1]
+    parent.update(x, y)
+    ours.update(x, y)
+    assert float(ours.compute()) == float(parent.compute())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recstab.models import RECURRENCES, StreamingNotSupported, build_model, count_parameters
+from recstab.models import RECURRENCES, RLSP, LoopCertificate, StreamingNotSupported, build_model, count_parameters
 
 # Table 1 of the paper (64 channels, denoising); tolerance 2 %.
 TABLE1 = {
@@ -153,3 +153,31 @@ def test_unknown_names_list_the_valid_choices(kwargs, match):
 def test_wrong_input_shape_is_refused():
     with pytest.raises(ValueError, match="B×T×3×H×W"):
         build_model("vresnet", "feat", "denoise", 8)(torch.rand(2, 3, 8, 8))
+
+
+class AveragedRLSP(RLSP):
+    """The README's example of a new connection: RLSP fed with a running average of the
+    hidden features, m_t = (m_{t-1} + h_t) / 2."""
+
+    name = "avgrlsp"
+
+    def update(self, state, hidden, block_in, block_out, output):
+        return {"hidden": 0.5 * (state["hidden"] + hidden)}
+
+    def certificate(self, model, conv_norm):
+        chain = super().certificate(model, conv_norm)  # h_t as a function of m_{t-1}
+        return LoopCertificate(0.5 + 0.5 * chain.bound, chain.norm)
+
+
+def test_a_new_connection_is_one_class():
+    """A connection object plugs into build_model: it streams, and its certificate is its own."""
+    torch.manual_seed(0)
+    model = build_model("vdncnn", AveragedRLSP(), "denoise", channels=8, depth=2).eval()
+    assert model.is_recurrent and model.recurrence == "avgrlsp" and len(model.recurrent_convs()) == 3
+    x = torch.rand(1, 5, 3, 12, 12)
+    with torch.no_grad():
+        first, state = model.process(x[:, :2])
+        rest, _ = model.process(x[:, 2:], state)
+        torch.testing.assert_close(torch.cat([first, rest], 1), model(x))
+    half = lambda weight: 0.5  # noqa: E731
+    assert model.loop_certificate(half).bound == pytest.approx(0.5 + 0.5 * 0.5 ** 3)  # head, 2 blocks

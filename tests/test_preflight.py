@@ -47,8 +47,8 @@ def test_unwritable_directory_names_key_path_and_reason(tmp_path):
     message = str(error.value)
     assert f"callbacks.model_checkpoint.dirpath='{blocker / 'checkpoints'}'" in message
     assert "not a writable directory" in message and "NotADirectoryError" in message
-    assert check_writable(tmp_path / "new" / "dir", "paths.output_dir").is_dir()  # created, probe removed
-    assert list((tmp_path / "new" / "dir").iterdir()) == []
+    assert check_writable(tmp_path / "new" / "dir", "paths.output_dir") == tmp_path / "new" / "dir"
+    assert list(tmp_path.iterdir()) == [blocker]  # nothing created, the probe file removed
 
 
 # ---------------------------------------------------------------- checkpoint files
@@ -82,7 +82,8 @@ def test_another_model_names_both_sides(change, key, saved, wanted):
     message = str(error.value)
     assert f"{key}: checkpoint {saved!r}, config {wanted!r}" in message
     assert "ckpt_path='/runs/x/last.ckpt' holds another model" in message
-    assert f"{key}={saved}" in message  # the override that would match the checkpoint
+    override = f"norm={saved}" if key == "model.norm.kind" else f"{key}={saved}"
+    assert override in message  # the override that would match the checkpoint
 
 
 def test_same_model_with_other_training_settings_is_accepted():
@@ -128,7 +129,8 @@ def test_stale_interrupted_checkpoint_of_another_model_is_refused(trained, tmp_p
         run_training(cfg)
     message = str(error.value)
     assert f"'{stale}' holds another model" in message and "resume=true" in message
-    assert "model.norm.kind: checkpoint 'srnc', config 'none'" in message
+    assert "(model.norm.kind: checkpoint 'srnc', config 'none')" in message  # the other norm keys are moot
+    assert "norm=srnc" in message
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["interrupted.ckpt"]
 
 
@@ -140,6 +142,7 @@ def test_unwritable_checkpoint_dir_fails_before_the_data_is_built(tmp_path):
     assert not (tmp_path / "run" / "csv").exists()
 
 
+@pytest.mark.slow
 def test_cli_another_model_fails_with_one_paragraph(trained, tmp_path):
     cmd = [sys.executable, str(ROOT / "src" / "train.py"), "debug=smoke", "logger=csv", f"hydra.run.dir={tmp_path}",
            "model=vdncnn", "norm=srnc", f"ckpt_path={trained}"]
@@ -149,3 +152,15 @@ def test_cli_another_model_fails_with_one_paragraph(trained, tmp_path):
     assert "model.backbone: checkpoint 'vresnet', config 'vdncnn'" in result.stderr, result.stderr[-3000:]
     assert "Seed set" not in result.stderr + result.stdout  # refused before anything was built
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unwritable_hydra_run_dir_exits_before_hydra_creates_it(tmp_path):
+    from recstab.lit.preflight import RunDirCheck
+
+    (tmp_path / "a_file").write_text("x")
+    config = OmegaConf.create({"hydra": {"run": {"dir": f"{tmp_path}/a_file/run"},
+                                         "sweep": {"dir": f"{tmp_path}/ok/sweep"}}})
+    with pytest.raises(SystemExit, match=r"Error: hydra.run.dir='.*a_file/run' is not a writable directory"):
+        RunDirCheck().on_run_start(config)
+    RunDirCheck().on_multirun_start(config)  # a sweep dir that can be created passes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

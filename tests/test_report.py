@@ -9,7 +9,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from recstab.report.tables import Run, build_table, collect_runs, load_paper, render_markdown, report, write_csv
-from test_sweeps import ROOT, RUNS, SWEEPS, run_cli, smoke_root, smoke_sweep  # noqa: F401 (smoke_root: fixture)
+
+# runs per sweep (the same table as tests/test_sweeps.py, which checks it against the sweep files)
+RUNS = {"table1": 10, "table2": 6, "table3": 9, "table4": 4, "table5": 3, "table6": 5, "table7": 8, "table8": 4,
+        "fig7": 8, "fig9": 3, "fig12": 7}
+SWEEPS = list(RUNS)
 
 PAPER = {"title": "T", "columns": ["psnr_7", "onset_d1", "onset_d9", "trf", "stable"],
          "notes": ["a note"],
@@ -18,9 +22,9 @@ PAPER = {"title": "T", "columns": ["psnr_7", "onset_d1", "onset_d9", "trf", "sta
                   {"name": "B", "match": {"norm": {"kind": "none"}}, "psnr_7": 35.74, "onset_d1": 29, "onset_d9": 75}]}
 
 
-def fake_run(kind, alpha, metrics, name="r"):
+def fake_run(kind, alpha, metrics, name="r", failure=None):
     config = OmegaConf.create({"norm": {"kind": kind, "alpha": alpha}, "run_name": name})
-    return Run(Path(f"/runs/{name}"), config, metrics, name)
+    return Run(Path(f"/runs/{name}"), config, metrics, name, failure=failure)
 
 
 def test_rows_matched_by_config_values_averaged_and_unmatched_listed():
@@ -53,6 +57,31 @@ def test_csv_has_ours_and_paper_columns(tmp_path):
     rows = list(csv.DictReader(open(write_csv(table, tmp_path / "x.csv"))))
     assert rows[0]["model"] == "A" and float(rows[0]["psnr_7"]) == 30.0 and rows[0]["paper_psnr_7"] == "35.59"
     assert rows[0]["paper_onset_d1"] == "inf" and rows[1]["psnr_7"] == ""
+    assert (rows[0]["status"], rows[1]["status"]) == ("ok", "not run")
+
+
+def test_a_row_whose_jobs_failed_is_marked_failed_and_names_the_log(tmp_path):
+    failure = {"error": "ValueError: n=2 is smaller than the kernel", "log": "/runs/f/train.log"}
+    runs = [fake_run("srnc", 2.0, {}, "f", failure), fake_run("none", 1.0, {"test/psnr_7": 20.0}, "ok"),
+            fake_run("none", 1.0, {}, "g", failure)]
+    table = build_table("x", runs, PAPER)
+    a, b = table.rows
+    assert (a["status"], a["runs"], a["failed"], a["ours"]["psnr_7"]) == ("failed", 0, 1, "failed")
+    assert (b["status"], b["runs"], b["failed"], b["ours"]["psnr_7"]) == ("partly failed", 1, 1, 20.0)
+    assert any("A: job f failed (ValueError: n=2" in n and "log: /runs/f/train.log" in n for n in table.notes)
+    md = render_markdown(table)
+    assert "| A | 0 + 1 failed | failed | 35.59 |" in md and "| B | 1 + 1 failed | 20.00 | 35.74 |" in md
+    rows = list(csv.DictReader(open(write_csv(table, tmp_path / "x.csv"))))
+    assert rows[0]["failed_logs"] == "/runs/f/train.log" and rows[0]["psnr_7"] == "failed"
+
+
+def test_collect_keeps_failed_jobs(tmp_path):
+    run = tmp_path / "0_f"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"norm": {"kind": "srnc"}, "run_name": "f"}), run / ".hydra" / "config.yaml")
+    (run / "failed.json").write_text(json.dumps({"error": "ValueError: bad", "log": str(run / "train.log")}))
+    (runs,) = collect_runs(tmp_path)
+    assert runs.failure["error"] == "ValueError: bad" and runs.notes == []
 
 
 def test_collect_reads_metrics_measurements_and_csv(tmp_path):
@@ -73,18 +102,20 @@ def test_collect_reads_metrics_measurements_and_csv(tmp_path):
     assert runs[0].value("paths.output_dir") is None  # unresolvable without Hydra: no crash
 
 
-def test_report_cli_refuses_bad_arguments(tmp_path):
-    result = run_cli([str(ROOT / "src" / "report.py"), "sweep=table3", "bogus=1"], tmp_path)
+def test_report_cli_refuses_bad_arguments(tmp_path, run_script):
+    result = run_script("report.py", ["sweep=table3", "bogus=1"], tmp_path)
     assert result.returncode != 0 and "usage" in result.stderr
-    result = run_cli([str(ROOT / "src" / "report.py"), "sweep=table99", f"dir={tmp_path}"], tmp_path)
+    result = run_script("report.py", ["sweep=table3", "wandb=maybe"], tmp_path)
+    assert result.returncode != 0 and "wandb must be true or false" in result.stderr
+    result = run_script("report.py", ["sweep=table99", f"dir={tmp_path}"], tmp_path)
     assert result.returncode != 0 and "table3" in result.stderr  # lists the sweeps
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
-def test_report_builds_each_table_from_its_smoke_sweep(name, smoke_root):
-    sweep_dir = smoke_sweep(name, smoke_root)
-    result = run_cli([str(ROOT / "src" / "report.py"), f"sweep={name}", f"dir={sweep_dir}"], smoke_root)
+def test_report_builds_each_table_from_its_smoke_sweep(name, smoke_sweep, run_script):
+    sweep_dir = smoke_sweep(name)
+    result = run_script("report.py", [f"sweep={name}", f"dir={sweep_dir}", "wandb=false"], sweep_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     paper = load_paper(name)
     md = (sweep_dir / "report" / f"{name}.md").read_text()
@@ -107,12 +138,12 @@ def test_report_builds_each_table_from_its_smoke_sweep(name, smoke_root):
 
 
 @pytest.mark.slow
-def test_report_defaults_to_the_newest_sweep_dir(smoke_root, tmp_path):
-    sweep_dir = smoke_sweep("table8", smoke_root)
+def test_report_defaults_to_the_newest_sweep_dir(smoke_sweep, run_script, tmp_path):
+    sweep_dir = smoke_sweep("table8")
     logs = tmp_path / "logs" / "table8" / "multiruns"
     logs.mkdir(parents=True)
     (logs / "2000-01-01_00-00-00").symlink_to(sweep_dir)
-    result = run_cli([str(ROOT / "src" / "report.py"), "sweep=table8"], tmp_path, env={"PROJECT_ROOT": str(tmp_path)})
+    result = run_script("report.py", ["sweep=table8", "wandb=false"], tmp_path, env={"PROJECT_ROOT": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "56 frames" in result.stdout
 
@@ -120,8 +151,8 @@ def test_report_defaults_to_the_newest_sweep_dir(smoke_root, tmp_path):
 def test_report_function_writes_markdown_csv(tmp_path):
     run = tmp_path / "sweep" / "0_x"
     (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"model": {"backbone": "vresnet"}, "recurrence": {"name": "feat"},
-                                     "norm": {"kind": "none"}, "run_name": "x"}), run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"model": {"backbone": "vresnet", "norm": {"kind": "none"}},
+                                     "recurrence": {"name": "feat"}, "run_name": "x"}), run / ".hydra" / "config.yaml")
     (run / "metrics.json").write_text(json.dumps({"test/psnr_7": 30.5}))
     table, files = report("table2", [tmp_path / "sweep"], tmp_path / "out")
     assert files["markdown"].read_text().count("| VResNet-feat | 1 | 30.50 | 35.74 |") == 1
@@ -129,6 +160,11 @@ def test_report_function_writes_markdown_csv(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the measurement callback
+def tiny_model(**kw) -> dict:
+    """A 4-channel VResNet-feat model config."""
+    return {"_target_": "recstab.models.build_model", "backbone": "vresnet", "recurrence": "feat", "channels": 4, **kw}
+
+
 class _Trainer:
     """The few Trainer attributes TableMeasurements reads."""
 
@@ -152,8 +188,8 @@ def test_measurements_force_the_configured_dampening_and_write_json(tmp_path):
     from recstab.lit.module import VideoRestorationModule
     from recstab.report import TableMeasurements
 
-    module = VideoRestorationModule(channels=4, frames=3, dampening=1.0, norm={"kind": "srnc", "alpha": 0.5,
-                                                                               "beta": 1.0, "n": 8})
+    module = VideoRestorationModule(model=tiny_model(norm={"kind": "srnc", "alpha": 0.5, "beta": 1.0, "n": 8}),
+                                    frames=3, dampening=1.0)
     callback = TableMeasurements(spectra_n=8, trf={"frames": 5, "size": 8, "iters": 2}, dampening=0.0,
                                  onsets={"video": "scenes", "sigma": 30, "chunk": 4,
                                          "scenes": {"n_distinct": 2, "total_frames": 8, "size": 16, "repeats": 2}},
@@ -176,5 +212,74 @@ def test_evaluation_sweeps_refuse_to_test_without_a_checkpoint(tmp_path):
     from recstab.report import TableMeasurements
 
     with pytest.raises(ValueError, match="pass ckpt_path="):
-        TableMeasurements(require_checkpoint=True).on_test_start(_Trainer(tmp_path), VideoRestorationModule(channels=4))
-    TableMeasurements(require_checkpoint=True).on_test_start(_Trainer(tmp_path, "x.ckpt"), VideoRestorationModule(channels=4))
+        TableMeasurements(require_checkpoint=True).on_test_start(_Trainer(tmp_path),
+                                                                 VideoRestorationModule(model=tiny_model()))
+    TableMeasurements(require_checkpoint=True).on_test_start(_Trainer(tmp_path, "x.ckpt"),
+                                                             VideoRestorationModule(model=tiny_model()))
+
+
+# ------------------------------------------------------------------------------------- the W&B dashboard
+def _write_run(path: Path, config: dict, metrics: dict | None = None, failure: dict | None = None) -> Path:
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), path / ".hydra" / "config.yaml")
+    if metrics is not None:
+        (path / "metrics.json").write_text(json.dumps(metrics))
+    if failure is not None:
+        (path / "failed.json").write_text(json.dumps(failure))
+    return path
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of an offline .wandb file (W&B's own datastore reader)."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    store = datastore.DataStore()
+    store.open_for_scan(str(path))
+    records = []
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        records.append(record)
+    return records
+
+
+def test_verdicts_compare_our_stability_with_the_papers():
+    from recstab.report.dashboard import verdicts
+
+    runs = [fake_run("srnc", 2.0, {"test/psnr_7": 35.0, "long/onset_d1": math.inf, "trf/unbounded": 0.0}, "s"),
+            fake_run("none", 1.0, {"test/psnr_7": 36.0, "long/onset_d1": math.inf, "trf/unbounded": 0.0}, "n")]
+    a, b = verdicts(build_table("x", runs, PAPER))
+    assert (a["ours"], a["paper"], a["agrees"]) == ("stable", "stable", True)
+    assert a["psnr_minus_paper"] == pytest.approx(35.0 - 35.59)
+    assert (b["ours"], b["paper"], b["agrees"]) == ("stable", "unstable", False)  # paper: onsets at 29 frames
+
+
+@pytest.mark.slow
+def test_report_logs_an_offline_wandb_report_run_to_the_sweeps_group(tmp_path, run_script):
+    """report.py under WANDB_MODE=offline: a job_type=report run of group table2 inside the sweep dir, holding
+    the comparison table (ours and the paper's side by side) and the per-row verdicts."""
+    sweep = tmp_path / "sweep"
+    base = {"recurrence": {"name": "feat"}, "task": {"name": "denoise"}, "group": "table2"}
+    _write_run(sweep / "0_a", {**base, "model": {"backbone": "vresnet", "norm": {"kind": "none"}}, "run_name": "a"},
+               {"test/psnr_7": 30.5, "long/onset_d1": 12.0, "long/onset_d9": 40.0})
+    _write_run(sweep / "1_b", {**base, "model": {"backbone": "vdncnn", "norm": {"kind": "none"}}, "run_name": "b"},
+               failure={"error": "ValueError: bad", "log": str(sweep / "1_b" / "train.log")})
+    result = run_script("report.py", ["sweep=table2", f"dir={sweep}"], tmp_path, env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (sweep / "report" / "wandb").glob("offline-run-*")
+    (comparison,) = (run_dir / "files" / "media" / "table").glob("comparison_*.table.json")
+    table = json.loads(comparison.read_text())
+    assert table["columns"][:6] == ["model", "runs", "failed", "status", "psnr_7", "paper_psnr_7"]
+    rows = {r[0]: dict(zip(table["columns"], r)) for r in table["data"]}
+    assert (rows["VResNet-feat"]["psnr_7"], rows["VResNet-feat"]["paper_psnr_7"]) == (30.5, 35.74)
+    assert (rows["VResNet-feat"]["onset_d1"], rows["VResNet-feat"]["paper_onset_d1"]) == (12.0, 29)
+    assert (rows["VDnCNN-feat"]["status"], rows["VDnCNN-feat"]["psnr_7"]) == ("failed", "failed")
+    (verdict_file,) = (run_dir / "files" / "media" / "table").glob("verdicts_*.table.json")
+    verdict = json.loads(verdict_file.read_text())
+    by_model = {r[0]: dict(zip(verdict["columns"], r)) for r in verdict["data"]}
+    assert (by_model["VResNet-feat"]["ours"], by_model["VResNet-feat"]["agrees"]) == ("unstable", True)
+    assert by_model["VDnCNN-feat"]["failed_logs"] == str(sweep / "1_b" / "train.log")
+    (store,) = run_dir.glob("*.wandb")
+    (run,) = [r.run for r in _wandb_records(store) if r.WhichOneof("record_type") == "run"]
+    assert (run.run_group, run.job_type, list(run.tags)) == ("table2", "report", ["table2"])

@@ -1,46 +1,31 @@
-"""End to end through Hydra: the real configs, the real entry point, checkpoints, resume, bad input."""
+"""End to end through Hydra: the real configs, the real entry point, checkpoints, resume, bad input, failing sweeps."""
 
 import csv
+import json
+import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from recstab.lit.launch import run_training
 from recstab.lit.module import VideoRestorationModule
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+
+def smoke(compose, tmp_path, overrides):
+    """The config of `python src/train.py debug=smoke <overrides>` writing into tmp_path."""
+    return compose("train", ["debug=smoke", *overrides], output_dir=tmp_path)
 
 
-def compose_cfg(tmp_path: Path, overrides: list[str]):
-    """Compose conf/train.yaml as `python src/train.py <overrides>` would, output dir = tmp_path."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-        cfg.paths.log_dir = str(tmp_path / "logs")
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
-def run_cli(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "debug=smoke", f"hydra.run.dir={tmp_path}", *overrides]
-    full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=full_env, timeout=600)
+def train_cli(run_script, tmp_path, *overrides, env=None):
+    return run_script("train.py", ["debug=smoke", f"hydra.run.dir={tmp_path}", *overrides], tmp_path, env=env,
+                      timeout=600)
 
 
 @pytest.mark.slow
-def test_cli_default_dataset_trains_and_leaves_everything(tmp_path):
+def test_cli_default_dataset_trains_and_leaves_everything(tmp_path, run_script):
     """`python src/train.py debug=smoke`: checkpoint, metrics, figures and an offline W&B run."""
-    result = run_cli(tmp_path, env={"WANDB_MODE": "offline"})
+    result = train_cli(run_script, tmp_path, env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "checkpoints").glob("best-*.ckpt"))
@@ -53,99 +38,103 @@ def test_cli_default_dataset_trains_and_leaves_everything(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_vimeo90k_fixture(tmp_path):
-    from fixtures import write_vimeo90k
-
+def test_cli_vimeo90k_fixture(tmp_path, run_script, write_vimeo90k):
     root = write_vimeo90k(tmp_path / "vimeo", n_sequences=4, size=(64, 48))
-    result = run_cli(tmp_path, "data=vimeo90k", f"data.root={root}", "model=vdncnn", "recurrence=rlsp")
+    result = train_cli(run_script, tmp_path, "data=vimeo90k", f"data.root={root}", "model=vdncnn", "recurrence=rlsp")
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.slow
-def test_cli_missing_vimeo_root_names_path_key_and_layout(tmp_path):
-    result = run_cli(tmp_path, "data=vimeo90k", f"data.root={tmp_path}/nowhere")
-    assert result.returncode != 0
+def test_cli_missing_vimeo_root_names_path_key_and_layout(tmp_path, run_script):
+    result = train_cli(run_script, tmp_path, "data=vimeo90k", f"data.root={tmp_path}/nowhere")
+    assert result.returncode != 0  # a single run re-raises (only -m sweeps record the failure and go on)
     assert f"{tmp_path}/nowhere" in result.stderr and "data.root" in result.stderr
     assert "sep_trainlist.txt" in result.stderr
+    assert not (tmp_path / "failed.json").exists()
 
 
 @pytest.mark.parametrize("overrides,match", [
     (["task.sigma=-5"], "sigma"),
     (["data.crop=100000"], "crop"),
     (["data.frames=0"], "frames"),
-    (["model=vresnet", "recurrence=lstm"], "recurrence"),
 ])
-def test_bad_input_refused_before_training(tmp_path, overrides, match):
-    if overrides[-1] == "recurrence=lstm":  # not a config option: Hydra itself lists the choices
-        with pytest.raises(Exception, match="lstm"):
-            compose_cfg(tmp_path, overrides)
-        return
-    cfg = compose_cfg(tmp_path, overrides)
+def test_bad_input_refused_before_training(compose, tmp_path, overrides, match):
+    cfg = smoke(compose, tmp_path, overrides)
     with pytest.raises(Exception, match=match) as error:  # Hydra wraps the ValueError of the DataModule
         run_training(cfg)
     assert "ValueError" in repr(error.value) or isinstance(error.value, ValueError)
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_long_video_is_not_a_training_set(tmp_path):
-    with pytest.raises(ValueError, match="data=long_video is the stream of src/diagnose.py"):
-        run_training(compose_cfg(tmp_path, ["data=long_video"]))
-
-
-def test_unknown_backbone_lists_choices(tmp_path):
-    cfg = compose_cfg(tmp_path, ["model.backbone=unet"])
+def test_unknown_options_are_listed(compose, tmp_path):
+    with pytest.raises(Exception, match="lstm"):  # not a config option: Hydra itself lists the choices
+        smoke(compose, tmp_path, ["recurrence=lstm"])
     with pytest.raises(Exception, match="valid backbones: vdncnn, vresnet"):
-        run_training(cfg)
+        run_training(smoke(compose, tmp_path, ["model.backbone=unet"]))
 
 
 @pytest.mark.parametrize("model,recurrence,task", [
     ("vresnet", "feat", "denoise"), ("vdncnn", "frame", "sr2"), ("vresnet", "birlsp-mf3", "denoise"),
     ("vdncnn", "shift", "denoise"), ("vresnet", "mf7", "sr2"),
 ])
-def test_any_combination_trains_through_the_configs(tmp_path, model, recurrence, task):
-    cfg = compose_cfg(tmp_path, [f"model={model}", f"recurrence={recurrence}", f"task={task}", "logger=csv"])
+def test_any_combination_trains_through_the_configs(compose, tmp_path, model, recurrence, task):
+    cfg = smoke(compose, tmp_path, [f"model={model}", f"recurrence={recurrence}", f"task={task}", "logger=csv"])
     metrics = run_training(cfg)
-    assert metrics["test/psnr_mean"] > 0 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
-
-
-@pytest.mark.parametrize("norm", [["norm=srnc", "norm.alpha=2", "norm.beta=0.1"], ["norm=sn"],
-                                  ["norm=srn", "norm.alpha=1", "norm.beta=1"]])
-def test_normalised_models_train_through_the_configs(tmp_path, norm):
-    cfg = compose_cfg(tmp_path, ["model=vresnet", "recurrence=feat", "logger=csv", "norm.n=16", *norm])
-    metrics = run_training(cfg)
-    assert metrics["test/psnr_mean"] > 0
+    per_frame = [metrics[f"test/psnr_{t}"] for t in (1, 2, 3)]
+    assert all(math.isfinite(p) for p in per_frame)
+    assert metrics["test/psnr_mean"] == pytest.approx(sum(per_frame) / 3, abs=1e-4)
     module = VideoRestorationModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert module.hparams.norm["kind"] == norm[0].split("=")[1]
+    assert (module.model.backbone_name, module.model.recurrence, module.model.task) == (model, recurrence, task)
+    x = torch.rand(1, 3, 3, 16, 16)
+    assert module.eval()(x).shape == (1, 3, 3, 16 * module.model.scale, 16 * module.model.scale)
+
+
+def test_a_short_training_beats_the_noisy_input(compose, tmp_path):
+    """60 steps of a single-frame VDnCNN (fixed seed) denoise sigma=30: the test PSNR beats the input's
+    20 log10(255 / 30) = 18.59 dB (the noise is not clamped, so its MSE is sigma^2) by more than 1 dB."""
+    cfg = smoke(compose, tmp_path, ["model=vdncnn", "recurrence=none", "model.depth=2", "trainer.max_steps=60",
+                                    "trainer.val_check_interval=60", "module.lr=1e-2", "module.lr_schedule=constant",
+                                    "logger=csv", "callbacks.spectrum=null", "callbacks.validation_figures=null"])
+    metrics = run_training(cfg)
+    assert metrics["test/psnr_mean"] > 20 * math.log10(255 / 30) + 1.0
+
+
+@pytest.mark.parametrize("norm", [["norm=srnc", "model.norm.alpha=2", "model.norm.beta=0.1"], ["norm=sn"],
+                                  ["norm=srn", "model.norm.alpha=1", "model.norm.beta=1"]])
+def test_normalised_models_train_through_the_configs(compose, tmp_path, norm):
+    cfg = smoke(compose, tmp_path, ["model=vresnet", "recurrence=feat", "logger=csv", *norm])
+    metrics = run_training(cfg)
+    assert math.isfinite(metrics["test/psnr_mean"])
+    module = VideoRestorationModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module.hparams.model["norm"]["kind"] == module.norm["kind"] == norm[0].split("=")[1]
     assert any("parametrizations" in name for name, _ in module.named_parameters())
 
 
-def test_resume_restores_step_and_optimizer(tmp_path):
+def test_resume_restores_step_and_optimizer(compose, tmp_path):
     first = tmp_path / "first"
-    run_training(compose_cfg(first, ["logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2"]))
+    run_training(smoke(compose, first, ["logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2"]))
     last = first / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 2
     assert saved["optimizer_states"][0]["state"][0]["step"] == 2
 
     second = tmp_path / "second"
-    run_training(compose_cfg(second, ["logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=2",
-                                      f"ckpt_path={last}"]))
+    run_training(smoke(compose, second, ["logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                                         f"ckpt_path={last}"]))
     resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 4
     assert resumed["optimizer_states"][0]["state"][0]["step"] == 4  # Adam moments carried over, not restarted
 
 
-def test_resume_true_finds_the_newest_last_checkpoint(tmp_path):
+def test_resume_true_finds_the_newest_last_checkpoint(compose, tmp_path):
     from recstab.lit.launch import find_resume_checkpoint
 
-    cfg = compose_cfg(tmp_path / "new", ["resume=true"])
-    with open_dict(cfg):
-        cfg.paths.log_dir = str(tmp_path / "logs")
+    cfg = smoke(compose, tmp_path / "new", ["resume=true"])
     with pytest.raises(FileNotFoundError, match="resume=true"):
         find_resume_checkpoint(cfg)
-    older = tmp_path / "logs" / "train" / "runs" / "a" / "checkpoints"
-    newer = tmp_path / "logs" / "train" / "runs" / "b" / "checkpoints"
+    older = tmp_path / "new" / "logs" / "train" / "runs" / "a" / "checkpoints"
+    newer = tmp_path / "new" / "logs" / "train" / "runs" / "b" / "checkpoints"
     for i, d in enumerate((older, newer)):
         d.mkdir(parents=True)
         (d / "last.ckpt").write_bytes(b"x")
@@ -153,10 +142,50 @@ def test_resume_true_finds_the_newest_last_checkpoint(tmp_path):
     assert find_resume_checkpoint(cfg) == str(newer / "last.ckpt")
 
 
-def test_load_from_checkpoint_without_hydra(tmp_path):
-    cfg = compose_cfg(tmp_path, ["logger=csv", "recurrence=rlsp"])
+def test_load_from_checkpoint_without_hydra(compose, tmp_path):
+    """The checkpoint carries the plain-dict model config: load_from_checkpoint rebuilds the same model."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    cfg = smoke(compose, tmp_path, ["logger=csv", "recurrence=rlsp", "norm=srnc"])
     run_training(cfg)
+    GlobalHydra.instance().clear()
     module = VideoRestorationModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert module.hparams.recurrence == "rlsp" and module.model.channels == 8
+    assert isinstance(module.hparams.model, dict) and module.hparams.model["_target_"] == "recstab.models.build_model"
+    assert module.hparams.model["recurrence"] == "rlsp" and module.model.channels == 8
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
     x = torch.rand(1, 3, 3, 16, 16)
     assert module.eval()(x).shape == x.shape
+
+
+def test_module_refuses_a_model_without_target():
+    with pytest.raises(ValueError, match="_target_"):
+        VideoRestorationModule(model={"backbone": "vresnet"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_failing_job_leaves_the_sweep_running(tmp_path, run_script, launcher):
+    """`-m` sweep of two Table 3 rows where the SRN-C one has an invalid map size (n=2 < the 3x3 kernel):
+    the SRN job still trains, the SRN-C job writes failed.json naming its log, the sweep exits 0, and
+    src/report.py marks the SRN-C row failed and names the log."""
+    result = run_script("train.py", [
+        "-m", "sweep=table3", "debug=smoke", "row=srn_1.0_1.0,srnc_2.0_0.1", "++model.norm.n=2", "logger=csv",
+        "callbacks.measure.trf=null", "callbacks.measure.onsets=null", "callbacks.measure.spectra_n=null",
+        f"hydra/launcher={launcher}", *(["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []),
+        f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    good, bad = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert (good / "metrics.json").is_file() and not (good / "failed.json").exists()
+    failed = json.loads((bad / "failed.json").read_text())
+    assert "n=2 is smaller than the 3×3 kernel" in failed["error"] and failed["error"].startswith("ValueError")
+    assert failed["log"] == str(bad / "train.log") and "n=2 is smaller" in (bad / "train.log").read_text()
+    assert "ValueError" in (bad / "traceback.txt").read_text()
+
+    report = run_script("report.py", ["sweep=table3", f"dir={tmp_path}", "wandb=false"], tmp_path)
+    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "report" / "table3.csv"))}
+    srnc, srn = rows["SRN-C α=2.0 β=0.1"], rows["SRN α=1.0 β=1.0"]
+    assert (srnc["status"], srnc["failed"], srnc["runs"], srnc["psnr_7"]) == ("failed", "1", "0", "failed")
+    assert srnc["failed_logs"] == str(bad / "train.log")
+    assert (srn["status"], srn["runs"]) == ("ok", "1") and float(srn["psnr_7"]) > 0
+    assert f"log: {bad / 'train.log'}" in report.stdout

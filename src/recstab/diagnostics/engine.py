@@ -141,14 +141,15 @@ def conv_spectra(module: nn.Module, n: int = 64) -> ConvSpectra:
 
 # ---------------------------------------------------------------------- the loop certificate
 def certificate(model: nn.Module):
-    """The loop certificate of `model` (``model.loop_certificate()``, per-conv factors from
-    ``recstab.norms.conv_norm_bound``: valid on every frame size); None when the model is not a
+    """The loop certificate of `model` (``recstab.diagnostics.loop_certificate``, per-conv factors
+    from ``recstab.norms.conv_norm_bound``: valid on every frame size); None when the model is not a
     :class:`recstab.models.interface.VideoModel` (it states no loop structure)."""
+    from recstab.diagnostics import loop_certificate
     from recstab.models.interface import VideoModel
 
     if not isinstance(model, VideoModel):
         return None
-    return model.loop_certificate()
+    return loop_certificate(model)
 
 
 def certificate_metrics(cert) -> dict:

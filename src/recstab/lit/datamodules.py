@@ -25,6 +25,8 @@ prefetched batches). Lightning stores it in every checkpoint (``loops`` ->
 ``load_state_dict`` before it creates the epoch's iterator; the sampler then
 starts the same permutation at index ``b * batch_size``. A run resumed from any
 checkpoint therefore sees exactly the batches the uninterrupted run would have.
+(Single-device runs: under DDP Lightning replaces the sampler by its distributed
+wrapper, the loader has no state and a resumed run restarts its epoch.)
 """
 
 from __future__ import annotations

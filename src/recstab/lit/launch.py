@@ -1,11 +1,15 @@
 """What ``python src/train.py`` does, as a function of the composed Hydra config.
 
-1. validate the config and seed everything;
+1. preflight (``recstab.lit.preflight``): every output directory is writable and
+   the checkpoint to start from exists and holds the model the config builds;
+   then seed everything;
 2. instantiate the DataModule, the LightningModule, callbacks, loggers and Trainer
    from their ``_target_`` nodes;
 3. fit (resuming from ``ckpt_path``, or with ``resume=true`` from the newest
-   ``last.ckpt`` of an earlier run of the same ``task_name``), then test the best
-   checkpoint;
+   ``last.ckpt``/``interrupted.ckpt`` of an earlier run of the same ``task_name``),
+   then test the best checkpoint. A SIGTERM ends the fit at a step boundary with
+   ``checkpoints/interrupted.ckpt`` and the run returns without testing (exit
+   status 0; see ``recstab.lit.resume``);
 4. finish the W&B run, write the final metrics to ``<run dir>/metrics.json`` (what
    ``src/report.py`` collects) and return them (a sweep's objective).
 """
@@ -46,12 +50,15 @@ def find_resume_checkpoint(cfg: DictConfig) -> str | None:
 
     ``ckpt_path`` if given. With ``resume=true``: the newest ``last.ckpt`` or
     ``interrupted.ckpt`` of this run's own directory, else of the runs of this
-    ``task_name``. A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) resumes from its
-    own directory even without ``resume=true``: that is the job's earlier life.
+    ``task_name``. A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) resumes from the
+    newest of its own directory (also Lightning's ``hpc_ckpt_*.ckpt``) even without
+    ``resume=true``: that is the job's earlier life.
     """
     if cfg.get("ckpt_path"):
         return str(cfg.ckpt_path)
-    own = _newest(Path(cfg.paths.output_dir) / "checkpoints" / name for name in RESUMABLE)
+    out = Path(cfg.paths.output_dir)
+    # Lightning's own SLURM auto-requeue (USR1) writes hpc_ckpt_<n>.ckpt into the run dir
+    own = _newest([*(out / "checkpoints" / name for name in RESUMABLE), *out.glob("hpc_ckpt_*.ckpt")])
     if requeued() and own is not None:
         return str(own)
     if not cfg.get("resume"):
@@ -80,7 +87,8 @@ def preflight(cfg: DictConfig) -> str | None:
             check_writable(node.dirpath, f"callbacks.{name}.dirpath")
     ckpt = find_resume_checkpoint(cfg) if cfg.get("train", True) else cfg.get("ckpt_path")
     if ckpt:
-        key = "ckpt_path" if cfg.get("ckpt_path") else "the checkpoint resume=true found"
+        key = "ckpt_path" if cfg.get("ckpt_path") else ("resume=true" if cfg.get("resume") else
+                                                        "requeued job") + ": checkpoint"
         check_checkpoint(ckpt, OmegaConf.to_container(cfg.module, resolve=True), key)
     return ckpt
 

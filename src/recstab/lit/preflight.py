@@ -6,7 +6,7 @@ instead, with one paragraph that names both sides: what the configuration asks
 for and what the place or the checkpoint has.
 
 - ``check_writable(path, key)``: the directory exists or can be created, and a
-  file can be written into it;
+  file can be written into it (checked without creating anything);
 - ``read_checkpoint(path, key)``: the file exists and is a Lightning checkpoint
   of a ``VideoRestorationModule`` (it has ``hyper_parameters`` and ``state_dict``);
 - ``check_compatible(hparams, module_cfg, path)``: the checkpoint's model is the
@@ -40,11 +40,19 @@ class MissingCheckpointError(PreflightError, FileNotFoundError):
 
 
 def check_writable(path: str | os.PathLike, key: str) -> Path:
-    """Create ``path`` if needed and write (then delete) a probe file in it."""
-    directory = Path(path)
+    """Check that ``path`` is, or can be created as, a directory we can write to; creates nothing.
+
+    A probe file is written (and deleted) in ``path`` or, if it does not exist yet, in
+    its nearest existing ancestor, which must be a directory.
+    """
+    directory = Path(path).absolute()
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file, not a directory")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
             pass
     except OSError as error:
         raise PreflightError(
@@ -106,6 +114,8 @@ def model_differences(hparams: dict, module_cfg: dict) -> list[tuple[str, object
     """``(config key, checkpoint value, config value)`` for every model-defining value that differs."""
     saved, wanted = model_spec(hparams), model_spec(module_cfg)
     keys = list(wanted) + [k for k in saved if k not in wanted]
+    if saved.get("model.norm.kind") != wanted.get("model.norm.kind"):  # another norm: its kind says it all
+        keys = [k for k in keys if not k.startswith("model.norm.") or k == "model.norm.kind"]
     if not (isinstance(hparams.get("model"), dict) and isinstance(module_cfg.get("model"), dict)):
         keys = [k for k in keys if k.startswith("model.norm.") or k[len("model."):] in ARCHITECTURE]
     return [(k, saved.get(k), wanted.get(k)) for k in keys if saved.get(k) != wanted.get(k)]
@@ -117,7 +127,8 @@ def check_compatible(hparams: dict, module_cfg: dict, path: str | os.PathLike, k
     if not diffs:
         return
     listed = "; ".join(f"{k}: checkpoint {old!r}, config {new!r}" for k, old, new in diffs)
-    overrides = " ".join(f"{k}={'null' if old is None else old}" for k, old, _ in diffs)
+    overrides = " ".join(f"norm={old}" if k == "model.norm.kind" else f"{k}={'null' if old is None else old}"
+                         for k, old, _ in diffs)
     raise PreflightError(
         f"{key}={str(path)!r} holds another model than the config builds ({listed}). Its weights cannot "
         f"be loaded into this model. Either run with the checkpoint's settings (e.g. {overrides}) or start "
@@ -131,3 +142,30 @@ def check_checkpoint(path: str | os.PathLike, module_cfg: dict, key: str = "ckpt
     hparams = dict(checkpoint["hyper_parameters"])
     check_compatible(hparams, module_cfg, path, key)
     return hparams
+
+
+try:  # a Hydra callback: the run directory is created by Hydra itself, before the task starts
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - Hydra is a dependency of the entry points only
+    _HydraCallback = object
+
+
+class RunDirCheck(_HydraCallback):
+    """Hydra callback (``hydra.callbacks``): the run or sweep directory must be writable before Hydra makes it.
+
+    Hydra turns an exception of a callback into a warning and goes on (to fail on the
+    directory with a bare OS error), so a refusal exits here with the message (status 1).
+    """
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(path, key: str) -> None:
+        try:
+            check_writable(path, key)
+        except PreflightError as error:
+            raise SystemExit(f"Error: {error}") from None

@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -100,7 +101,8 @@ class StepBoundarySignals(L.Callback):
     requeue handler) are deferred; others are left alone. On such a signal the
     handler records it; at the end of the current training step the callback saves
     ``<dirpath>/last.ckpt`` and then calls the original handler (which requeues
-    the job and exits). Restores the original handlers when training ends.
+    the job and exits). Installed when training starts (after Lightning's own signal
+    handlers), removed when it ends.
     """
 
     def __init__(self, dirpath: str, signals: list[str] | None = None):
@@ -115,7 +117,10 @@ class StepBoundarySignals(L.Callback):
         self._originals: dict = {}
         self._received: list[tuple[int, object]] = []
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # not on_fit_start: Lightning saves every handler after it and puts them back at its teardown
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
         for signum in self.signals:
             original = signal.getsignal(signum)
             if callable(original):
@@ -144,7 +149,7 @@ class StepBoundarySignals(L.Callback):
             signal.signal(signum, original)
         self._originals = {}
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
 
     def on_exception(self, trainer, pl_module, exception) -> None:

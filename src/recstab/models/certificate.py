@@ -33,7 +33,7 @@ so ``L̂ = |λ| · Π_l L_l`` in the Euclidean (ℓ2) norm of the fed-back tenso
 
     δ_1 ≤ |λ| S_1 e_1,      δ_l ≤ A_l δ_{l-1} + |λ| S_l e_l.
 
-The Jacobian is block lower-triangular, so no single Euclidean bound is small (the issue
+The Jacobian is block lower-triangular, so no single Euclidean bound is small (the trouble
 with reporting max_l S_l as "the Lipschitz constant": the cross terms A_l can make
 ‖J‖₂ ≫ max_l S_l). In the **weighted norm** ``‖s‖_w = max_l w_l ‖o_l‖₂`` it is a
 contraction as soon as every self-loop is: put E = ‖Δs^{t-1}‖_w (so e_l ≤ E / w_l), w_1 = 1,

@@ -60,13 +60,14 @@ def apply_norm(model: nn.Module, kind: str, alpha: float = 1.0, beta: float = 1.
     alpha: target spectral norm (> 0). beta: target stable rank as a fraction of its
         maximum, in (0, 1]; 1 = spectral normalisation only ("sn" has no β: it must be 1).
     n: feature-map side of the operator SRN-C normalises (>= kernel size; unused by sn/srn).
-    power_iters: power-iteration steps per optimisation step (>= 1).
+    power_iters: power-iteration steps per optimisation step (>= 1; for srnc: batched
+        per-frequency steps on half of the frequencies, see srnc.py).
     loop_only: only the convs `model.recurrent_convs()` returns (those inside the recurrent loop).
     modules: an explicit list of nn.Conv2d of the model instead.
 
-    sn/srn start from the exact top singular vector of the reshaped kernel; srnc starts
-    from 15 power iterations of a random map (σ within a few %), which training then
-    refines — call `refresh(model)` when α must hold exactly from the start.
+    sn/srn start from the exact top singular vector of the reshaped kernel; srnc from
+    per-frequency power iterations and exact SVDs of the top frequencies, so the operator
+    norm is α from the first training step on (and in eval mode, exactly, at any time).
     """
     if not isinstance(kind, str) or kind not in NORM_KINDS:
         raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(NORM_KINDS)}")
@@ -129,12 +130,13 @@ def refresh(model: nn.Module, iters: int = 50, exact: bool = True) -> nn.Module:
     """Bring every power-iteration vector up to date with its current kernel.
 
     exact=True (default) sets u to the exact top singular vector (an SVD of the reshaped
-    kernel for sn/srn, the FFT spectrum for srnc: ~0.5 s for a 64-channel layer at n = 64
-    on a CPU), after which the normalised weight has spectral norm α to float precision.
-    exact=False runs `iters` more power iterations instead (for srnc the error of σ
-    decays only like 1/iters: ~0.7 % after 50 at n = 64). Call it before validation,
-    checkpointing and export (one power iteration per step lags a training kernel), and
-    after loading plain weights into a normalised model.
+    kernel for sn/srn; for srnc the exact FFT spectrum, ~0.5 s for a 64-channel layer at
+    n = 64 on a CPU, which eval mode then reuses), after which the normalised weight has
+    spectral norm α to float precision. exact=False runs `iters` more power iterations
+    instead. For sn/srn call it before validation, checkpointing and export (one power
+    iteration per step lags a training kernel); srnc tracks its kernel exactly and
+    computes eval weights from the exact spectrum, so it needs it only after loading
+    plain weights into a normalised model (the next training steps' warm starts).
     """
     for _, module, norm in normalised_convs(model):
         norm.refresh(module.parametrizations.weight.original, iters, exact)

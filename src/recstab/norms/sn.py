@@ -20,14 +20,14 @@ parametrizations (SN is its minimal instance):
 
 - the normalised weight is always normalise(K; u), a pure function of the kernel
   and the buffer u.
-- train mode: each call returns normalise(K; u) with gradient, then advances u by
-  `power_iters` power-iteration steps on K — but only when K has changed since the
-  last advance (compared by value, so fused optimisers, which do not bump tensor
-  versions, are handled). u therefore lags the kernel by one optimisation step,
-  which lets SRN-C reuse the conv it already computed (3 instead of 4 convs per
-  step). Under `torch.nn.utils.parametrize.cached()` one call serves a whole BPTT
-  unroll; without it every access re-normalises (slow, but still one
-  power-iteration step per optimisation step).
+- train mode: on a kernel it has not seen (compared by value, so fused optimisers,
+  which do not bump tensor versions, are handled) the parametrization first
+  advances u by `power_iters` power-iteration steps on THAT kernel, then returns
+  normalise(K; u) with gradient: the weight a step trains with is normalised with
+  vectors of its own kernel, not of the previous step's. Under
+  `torch.nn.utils.parametrize.cached()` one call serves a whole BPTT unroll;
+  without it every access re-normalises (slow, but still one power-iteration step
+  per optimisation step).
 - eval mode: the normalised weight is a constant — computed once under no_grad,
   cached, and recomputed only when the kernel or u changes (load_state_dict,
   refresh, `.to()`). The power iteration never advances in eval, so the eval
@@ -37,7 +37,8 @@ parametrizations (SN is its minimal instance):
 - autocast is switched off inside: σ and u keep the weight's precision under
   mixed-precision training.
 - `refresh(weight, iters, exact)`: bring u up to date with the kernel (exact top
-  singular vector by default). Needed before evaluation, checkpointing and export,
+  singular vector by default, no random part: the power iteration then sits at
+  its fixed point and the weight has norm α to float precision). Needed before evaluation, checkpointing and export,
   and after loading plain (unnormalised) weights into a normalised model, which
   leaves u stale.
 """
@@ -47,9 +48,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-JITTER = 0.03  # relative size of the random part of an exactly refreshed u (see refresh)
-
 
 def check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
@@ -95,7 +93,7 @@ class PowerIterationNorm(nn.Module):
         raise NotImplementedError
 
     def advance(self, weight: torch.Tensor) -> None:
-        """An optimisation step's power iteration, run right after `normalise` on the same kernel."""
+        """An optimisation step's power iteration on a new kernel, run before `normalise` uses it."""
         self.power_iteration(weight, self.power_iters)
 
     def exact_vectors(self, weight: torch.Tensor) -> None:
@@ -110,12 +108,11 @@ class PowerIterationNorm(nn.Module):
             if not self.training:
                 return self.frozen(weight)
             self._frozen = None
-            out = self.normalise(weight)
             if not _same(self._seen, weight):
                 with torch.no_grad():
                     self.advance(weight.detach())
                 self._seen = weight.detach().clone()
-            return out
+            return self.normalise(weight)
 
     def frozen(self, weight: torch.Tensor) -> torch.Tensor:
         """The normalised weight for the current (kernel, u), as a cached constant; u does not move."""
@@ -128,19 +125,10 @@ class PowerIterationNorm(nn.Module):
         return cache[2]
 
     def refresh(self, weight: torch.Tensor, iters: int = 50, exact: bool = True) -> None:
-        """Set u to the exact top singular vector (`exact`), or run `iters` power iterations.
-
-        The exact vector gets a 3 % random admixture (a fixed draw, so refresh is
-        deterministic and leaves the global RNG alone): an exact singular vector has no
-        component along any other, so the power iteration could never move to a new top
-        direction once training makes one overtake it. It costs σ at most 0.05 %.
-        """
+        """Set u to the exact top singular vector (`exact`), or run `iters` power iterations."""
         with torch.inference_mode(False), torch.no_grad():
             if exact:
                 self.exact_vectors(weight.detach())
-                noise = torch.randn(self.u.shape, generator=torch.Generator().manual_seed(0), dtype=self.u.dtype)
-                noise = noise.to(self.u.device)
-                self.u.copy_(F.normalize((self.u + JITTER * noise / noise.norm()).flatten(), dim=0).view_as(self.u))
             else:
                 self.power_iteration(weight.detach(), check_iters(iters, "iters"))
             self._seen = weight.detach().clone()

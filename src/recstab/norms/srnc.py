@@ -1,111 +1,134 @@
 r"""SRN-C: stable rank normalisation of the conv OPERATOR (Tanay et al., Algorithm 2, corrected).
 
-Notation. K is the kernel (c_out × c_in × k × k), W(K) the stride-1 conv with
+Notation. K is the kernel (c_out × c_in × kh × kw), W(K) the stride-1 conv with
 circular padding on an n×n map, a (c_out·n²) × (c_in·n²) matrix (spectra.py);
 m = min(c_in, c_out), so W has n²·m singular values. Target: ‖W‖₂ = α and
-srank(W) = ‖W‖_F²/‖W‖₂² ≤ β·n²·m.
+srank(W) = ‖W‖_F²/‖W‖₂² = β·n²·m (or less, when the kernel is already below it).
 
-Derivation of the algorithm (and of γ).
+Spectral norm, per frequency. The 2-D DFT block-diagonalises W(K) (spectra.py):
+its singular values are those of the n² blocks
+
+    K̂(f) = Σ_{a,b} K[:, :, a, b] · e^{-iθ_ab(f)},   θ_ab(f) = 2π(p·a + q·b)/n,  f = (p, q),
+
+so ‖W(K)‖₂ = max_f σ₁(K̂(f)), and K real gives K̂(−f) = conj K̂(f): the n·(n//2+1)
+frequencies of `rfft2` suffice. A power iteration on W itself converges slowly
+(the top of a conv spectrum is a near-continuum of frequencies; per frequency it
+is not), so SRN-C runs one power iteration per frequency, batched:
+
+- state: the buffer u, one unit left vector u_f ∈ C^{c_out} per frequency
+  (stored as a real c_out × F × 2 tensor, F = n·(n//2+1));
+- one step: v_f = K̂(f)ᴴu_f/‖·‖, u_f = K̂(f)v_f/‖·‖, and s_f = ‖K̂(f)v_f‖ ≤ σ₁(K̂(f)).
+  Both products for all F frequencies are ONE real matrix product each:
+  K̂(f)v_f = Σ_ab K_ab (e^{-iθ_ab(f)} v_f) is the (c_out × kh·kw·c_in) kernel times the
+  stacked, phase-modulated vectors — no block is ever formed;
+- each optimisation step updates half of the frequencies (p + q even, then odd, in
+  turn: every frequency every other step, and any peak of the response has fresh
+  neighbours every step); a refresh, the constructor and a state-dict load sweep all;
+- the TRACKED frequencies with the largest s_f get their block K̂(f) by a direct
+  DFT (kh·kw taps) and exact singular values; the largest σ₁ among them is the
+  operator norm (exact whenever the true arg-max frequency is among them) and one
+  SVD of that block gives the pair (f*, u*, v*), K̂(f*)v* = σ u*, that defines the
+  normalisation below; u*, exact, is written back into u.
+On a new kernel (every optimisation step) this runs BEFORE the weight is
+normalised, so the weight a step trains with is normalised with singular vectors
+of that very kernel, not of the previous one. No random part is added anywhere:
+nothing keeps the iteration from converging. Measured in a plain training loop
+(Adam, lr 1e-3, He init, 8–16 channels, n = 16, no refresh): ‖W‖₂/α within 1e-6 of
+1 at every step, for β = 1 and β = 0.1 (tests/test_norms.py).
+
+Derivation of the normalisation (and of γ).
 
 1. K ↦ W(K) is linear, and every kernel entry appears once in each of the n²
    rows of its output channel, so ⟨W(K), W(L)⟩_F = n²⟨K, L⟩_F; in particular
    ‖W(K)‖_F² = n²‖K‖_F².
-2. Power iteration: u (1 × c_out × n × n) is a persistent buffer; v = Wᵀu/‖Wᵀu‖
-   (a transposed conv). The weight is a function of K and u alone; after a
-   training step has used it, u advances by u = Wv/‖Wv‖ (a conv, reusing v) and
-   `power_iters` − 1 further steps v = Wᵀu/‖Wᵀu‖, u = Wv/‖Wv‖ (default: none).
-3. σ = uᵀW(K)v = ⟨W(K), u vᵀ⟩_F = ⟨K, G⟩_F, where G = W*(u vᵀ) = ∇_K uᵀW(K)v is the
-   weight gradient of a conv with input v and output gradient u:
-       G[o, c, a, b] = Σ_x u[o, x] · v[c, x + (a, b) − centre],
-   computed in closed form (no autograd) as
-   `torch.nn.grad.conv2d_weight(circular_pad(v), K.shape, u)`.
-   u, v (hence G) are constants; K̃ = K/σ is differentiable through σ = ⟨K, G⟩.
-   Nothing is lost by detaching v: σ(K) = ‖W(K)ᵀu‖ has gradient exactly G
-   (∂‖Wᵀu‖ = ⟨Wᵀu, ∂Wᵀu⟩/‖Wᵀu‖ = uᵀ ∂W v), so for fixed u the parametrization's
-   gradient is the true one.
-4. Stable rank. With ‖W(K̃)‖₂ = 1 and fact 1,
+2. σ = Re(u*ᴴ K̂(f*) v*) = Σ_{o,c,a,b} K[o,c,a,b]·Re(conj(u*_o)·v*_c·e^{-iθ_ab(f*)}) = ⟨K, G⟩_F with
+       G[o, c, a, b] = Re(conj(u*_o) · v*_c · e^{-iθ_ab(f*)}),
+   the real part of the per-frequency outer product conj(u*)·v*ᵀ mapped back to the
+   taps (it is also uᵀW(K)v for the real plane waves u(x) ∝ Re(u* e^{iθ(x)}), v alike).
+   u*, v* (hence G) are constants; K̃ = K/σ is differentiable through σ = ⟨K, G⟩
+   (Miyato's SN). Nothing is lost: σ₁(K̂(f*)) has gradient exactly G when σ₁ is a
+   simple singular value (∂σ₁ = Re uᴴ ∂K̂ v), so the gradient is the true one.
+3. Stable rank. With ‖W(K̃)‖₂ = 1 and fact 1,
        srank(W(K̃)) = n²‖K̃‖_F²,   so   srank ≤ β·n²·m  ⇔  ‖K̃‖_F² ≤ β·m   (n cancels).
-5. The rank-one part. The paper writes S1 = u vᵀ, but a k×k kernel cannot
+4. The rank-one part. The paper writes S1 = u vᵀ, but a kh×kw kernel cannot
    represent u vᵀ (an operator of rank one on the whole map); its kernel-space
    counterpart is the direction G. Project K̃ on it: since ⟨K̃, G⟩ = σ/σ = 1,
        S1 = G / ‖G‖_F²,   S2 = K̃ − S1,   ⟨S1, S2⟩ = 1/‖G‖² − ‖G‖²/‖G‖⁴ = 0,
-   and uᵀW(S1)v = ⟨S1, G⟩ = 1, uᵀW(S2)v = 0: the top singular pair is carried by S1
-   alone, so shrinking S2 lowers the rest of the spectrum and keeps σ₁ = 1.
-6. γ solves ‖S1 + γS2‖_F² = ‖S1‖² + γ²‖S2‖² = β·m:
-       γ = √((β·m − ‖S1‖_F²) / ‖S2‖_F²),
+   and Re u*ᴴŜ1(f*)v* = ⟨S1, G⟩ = 1, Re u*ᴴŜ2(f*)v* = 0: the top singular pair is
+   carried by S1, so shrinking S2 lowers the rest of the spectrum.
+   ‖G‖² = ½(kh·kw + Re(c·ζ)) with c = Σ_ab e^{-2iθ_ab(f*)}, ζ = (u*ᴴ conj u*)(v*ᵀv*):
+   ‖S1‖² = 1/‖G‖² is 1/(kh·kw) at f* ∈ {0, n/2}² (real u*, v*) and ≈ 2/(kh·kw) far from it.
+5. γ solves ‖S1 + γS2‖_F² = ‖S1‖² + γ²‖S2‖² = β·m·κ²:
+       γ = √((β·m·κ² − ‖S1‖_F²) / ‖S2‖_F²),
    applied only when γ < 1 (the constraint binds; otherwise K̃ already satisfies
-   it). If β·m < ‖S1‖² = 1/‖G‖² the target is below what the rank-one part
-   alone has: γ = 0 and the weight is the constant α·S1. Since
-   ‖G‖² ≤ k² (Cauchy–Schwarz per tap), ‖S1‖² ≥ 1/k², so β ≤ 1/(m·k²) is degenerate
-   whatever u (apply_norm warns); a converged, plane-wave u gives ‖S1‖² ≈ 1/k²–2/k².
-7. weight = α·(S1 + γ·S2): ‖W‖₂ = α, srank(W) = n²‖S1 + γS2‖² = β·n²·m.
-   Measured (exact FFT spectra, He-init kernels): 64→64 at n = 64, srank/(n²m) =
-   0.1998, 0.0999, 0.0499 for β = 0.2, 0.1, 0.05 with ‖W‖₂/α = 1.0004–1.0007.
-   The claim ‖W‖₂ = α rests on (u, v) staying the top pair once S2 shrinks; it
-   weakens when γ ≪ 1 (β·m close to ‖S1‖²), because W(S1) alone is not exactly of
-   norm 1: for a 64→3 conv (m = 3) at β = 0.1, ‖W‖₂/α = 1.10 and srank/(n²m) = 0.082.
-   Layers with 3 channels (head, tail) are better left out for small β (loop_only).
+   it). κ = 1 is the formula when W(S1 + γS2) keeps norm 1, which the step
+   "S1 carries the top pair" suggests but does not prove: Ŝ1(f*) =
+   (kh·kw·u*v*ᴴ + c·conj(u*)v*ᵀ)/(2‖G‖²) is not u*v*ᴴ, and Re u*ᴴŜ1(f*)v* = 1 only bounds
+   its norm from below. Measured with exact singular vectors (He-init kernels, n = 16–32,
+   β = 0.1): ‖W(S1 + γS2)‖₂ = 1.0000–1.003 far from the self-conjugate frequencies,
+   but up to 1.12 near them (c large, ζ complex: small channel counts, low
+   frequencies), with srank/(n²m) = 0.08 instead of 0.1. So the weight is
+       weight = α·K′/κ,   K′ = S1 + γS2,   κ = ‖W(K′)‖₂ = ⟨K′, G′⟩,
+   G′ from the top singular pair of K′ (found like that of K, among the tracked
+   frequencies), and κ in γ is the fixed point κ = ‖W(S1 + γ(κ)S2)‖₂ (a few
+   iterations, each a handful of small SVDs; κ then enters γ as a constant, like
+   the target β·m). Then ‖W‖₂ = α and srank(W) = n²‖K′‖²/κ² = β·n²·m, both to the
+   precision of the fixed point (1e-6). If β·m·κ² < ‖S1‖² the target is below what
+   the rank-one part alone has: γ = 0 and the weight is the constant α·S1/κ. Since
+   ‖G‖² ≤ kh·kw, ‖S1‖² ≥ 1/(kh·kw), so β ≤ 1/(m·kh·kw) is degenerate whatever the kernel
+   (apply_norm warns).
 
 The paper's steps 9–11 take S1 = G itself and γ = √(βm − 1)/n²/‖S2‖_F: the
 operator-norm reasoning (‖u vᵀ‖_F = 1) carried over to kernels, with n² in the
 wrong place. γ comes out ~1e-4, so the weight is ≈ α·G, whose operator norm is
 up to k²α (for u, v constant maps, G = a bᵀ on all k² taps and its frequency-0
 block is k²·a bᵀ). Measured on He-init 64→64 kernels at n = 64: srank/(n²m) =
-0.0035 whatever β ∈ {0.2, 0.1, 0.05} and ‖W‖₂ = 4.5α (DESIGN.md: 0.0017 and 8.9α
-on another kernel); it is also undefined for β < 1/m. Eq. (8) fails the same way.
+0.0035 whatever β ∈ {0.2, 0.1, 0.05} and ‖W‖₂ = 4.5α; it is also undefined for
+β < 1/m. Eq. (8) fails the same way.
 
-Padding. The power iteration, σ and G use *circular* padding, so σ tracks the
-exact FFT spectrum of `spectra.py` (Sedghi et al.), which is the definition of a
-layer's spectral norm in recstab. The model's own conv may zero-pad: that operator
-is a compression of the circular one on an (n+k−1)-map, so its norm is at most
-that one. Measured on He-init 64-channel kernels: the circular norm at n = 32 and
-64 is within 0.1 % of n = 256, the zero-padded one at n = 64 within 0.15 %.
+Padding. Everything uses the circular operator on the n×n map, which is the
+definition of a layer's spectral norm in recstab. The model's own conv may
+zero-pad: that operator is a compression of the conv on the infinite plane, whose
+norm is sup_ω σ₁(K̂(ω)) over ALL frequencies, at most a factor 1/cos(π(kh+kw−2)/(2n))
+above the n-grid maximum SRN-C sets (bound.py; 1.005 for 3×3 at n = 64).
 
-Exact refresh. The top of a conv spectrum is a near-continuum of frequencies, so
-a random u needs hundreds of power iterations to bring σ within 0.1 % (error
-≈ 1/iters: 0.7 % after 50 at 64 channels, n = 64). `refresh` therefore sets u
-exactly from the FFT: a real plane wave at the frequency holding σ₁ is an exact
-top singular vector (spectra.top_right_singular_map); u = W v/‖W v‖, plus a 3 %
-random part so that later power iterations can still move to another frequency
-(sn.py). That costs one batched SVD (~0.7 s per 64-channel layer at n = 64 on
-this CPU), so the constructor only starts u with INIT_ITERS power iterations
-from a random map (σ within a few %); call `refresh` before relying on α. During
-training u follows the kernel with `power_iters` steps per optimisation step.
+Evaluation. In eval mode the weight is computed once per kernel from the EXACT
+spectrum (all frequencies, batched SVD: ~0.5 s per 64-channel layer at n = 64 on a
+CPU), so it is a pure function of the kernel — exact however stale u is, and
+bit-identical after a state-dict round trip. `refresh` computes the same exact
+state (eval reuses it) and re-converges u.
 
-Tracking a kernel in training. One power-iteration step per optimisation step
-lags the kernel: training raises singular values at frequencies u does not see,
-and a power iteration moves between near-equal frequencies slowly. Measured on
-a 4-conv, 32-channel recurrent denoiser (n = 32, Adam, lr 1e-3, 300 steps, exact
-refresh at step 0), the largest layer norm ‖W‖₂/α sampled every 25 steps from
-step 50: 1.10–1.40 with one plain iteration per step, 1.06–1.25 with three, and
-1.05–1.13 with one iteration whose v gets a 10 % random part (STEP_JITTER) before
-u ← Wv (three such: 1.04–1.13) — the random part keeps every frequency present
-and W filters it, so on a fixed kernel it biases σ by under 0.2 %. Refreshing
-exactly every 10 steps does not help (the drift builds within a few steps). The
-default is one jittered iteration per step; `refresh` (exact) before validation,
-checkpointing and export makes the saved and evaluated model hit α to float
-precision.
-
-u's shape depends on n: a checkpoint made with one n only loads into a model
-normalised with the same n. Cost per optimisation step and layer: 2·power_iters
-+ 1 convolutions of one c×n×n map — v = Wᵀu for σ and G, the weight gradient G,
-then u ← Wv reusing that v — against 3·B·T maps for the training step itself.
+Cost per optimisation step and layer: 2·power_iters real matrix products of
+(c_out·kh·kw × c_in) or (c_in·kh·kw × c_out) by a (· × F) matrix (half of the
+frequencies, real and imaginary parts: 64 channels, n = 64: ~5 ms each on one CPU
+thread), as many element-wise phase modulations, the singular values of TRACKED
+small blocks and one SVD (twice for β < 1, plus the κ iterations, usually one) —
+no convolution of a feature map. ~15 ms per 64-channel layer in all, against a
+~5 s training step of VResNet-feat (benchmarks/bench_norms.py).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.grad import conv2d_weight
 
-from .sn import PowerIterationNorm, check_beta
-from .spectra import check_kernel, circular_pads, conv_circular, conv_circular_t, top_right_singular_map
+from .sn import PowerIterationNorm, _same, check_beta
+from .spectra import check_kernel
+
+INIT_ITERS = 20   # cold per-frequency power iterations of a fresh u
+TRACKED = 8       # frequencies whose block gets an exact SVD each step
+KAPPA_ITERS = 8   # fixed-point iterations for κ (β < 1)
+KAPPA_TOL = 1e-6  # relative
 
 
-INIT_ITERS = 15     # power iterations of a fresh u (refresh() makes it exact)
-STEP_JITTER = 0.1   # relative random part added to v at each training step's power iteration
+def _unit_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norms = x.abs().pow(2).sum(0).sqrt()
+    return x / norms.clamp_min(1e-30), norms
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm().clamp_min(1e-12)
+def _real(x: torch.Tensor) -> torch.Tensor:
+    """A complex r × F matrix as the real r × 2F matrix of its (re, im) pairs (a view)."""
+    return torch.view_as_real(x).reshape(x.shape[0], -1)
 
 
 class ConvStableRankNorm(PowerIterationNorm):
@@ -117,60 +140,212 @@ class ConvStableRankNorm(PowerIterationNorm):
         check_kernel(weight, n)
         self.beta = check_beta(beta)
         self.n = n
-        self._v: tuple | None = None  # (u key, v = Wᵀu/‖Wᵀu‖) from the last `direction`
-        self.step_jitter = STEP_JITTER
-        self._draws = 0
-        u = torch.randn(1, weight.shape[0], n, n, dtype=weight.dtype, device=weight.device)
-        self.register_buffer("u", _unit(u))
+        c_out, c_in, kh, kw = weight.shape
+        self.freqs = n * (n // 2 + 1)
+        self.tracked = min(TRACKED, self.freqs)
+        self._phase_cache: tuple | None = None
+        self._state: dict | None = None   # constants of `normalise` for the kernel `_seen`
+        self._exact: tuple | None = None  # (kernel copy, state) from the exact spectrum
+        self._kappa = 1.0                 # the last κ (β < 1), a warm start for the next
+        self._estimates: torch.Tensor | None = None  # s_f per frequency (not saved: rebuilt by a sweep)
+        self._turn = 1                    # which half of the frequencies the next step updates
+        generator = torch.Generator().manual_seed(0)  # deterministic; the global RNG is left alone
+        start = torch.randn(c_out, self.freqs, 2, generator=generator, dtype=weight.dtype)
+        self.register_buffer("u", start.to(weight.device))
         self.refresh(weight, INIT_ITERS, exact=False)
 
-    def power_iteration(self, weight: torch.Tensor, iters: int) -> None:
-        u = self.u
+    # ------------------------------------------------------------------ frequencies
+    def phases(self, weight: torch.Tensor) -> torch.Tensor:
+        """E[a·kw + b, p·(n//2+1) + q] = exp(-2πi(p·a + q·b)/n), (kh·kw) × F, complex."""
+        kh, kw = weight.shape[-2:]
+        ctype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
+        key = (kh, kw, weight.device, ctype)
+        if self._phase_cache is None or self._phase_cache[0] != key:
+            n, half = self.n, self.n // 2 + 1
+            p = torch.arange(n, dtype=torch.float64).repeat_interleave(half)
+            q = torch.arange(half, dtype=torch.float64).repeat(n)
+            a = torch.arange(kh, dtype=torch.float64).repeat_interleave(kw)
+            b = torch.arange(kw, dtype=torch.float64).repeat(kh)
+            theta = 2 * math.pi * (a[:, None] * p[None] + b[:, None] * q[None]) / n
+            self._phase_cache = (key, torch.polar(torch.ones_like(theta), -theta).to(ctype).to(weight.device))
+        return self._phase_cache[1]
+
+    def blocks(self, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """K̂(f) for the frequencies `index` (flat rfft2 indices), a T × c_out × c_in batch (direct DFT)."""
+        c_out, c_in = weight.shape[:2]
+        phase = self.phases(weight)[:, index]                                   # A × T
+        out = weight.reshape(c_out * c_in, -1) @ _real(phase)                   # (c_out·c_in) × 2T
+        return torch.view_as_complex(out.view(c_out, c_in, -1, 2)).permute(2, 0, 1).contiguous()
+
+    def power_iteration(self, weight: torch.Tensor, iters: int, part: torch.Tensor | None = None) -> None:
+        """`iters` batched per-frequency power-iteration steps on u (on the frequencies `part`, default
+        all); updates the estimates s_f = ‖K̂(f)v_f‖ <= σ₁(K̂(f)) of those frequencies."""
+        c_out, c_in = weight.shape[:2]
+        phase = self.phases(weight)                                             # A × F
+        forward = weight.permute(0, 2, 3, 1).reshape(c_out, -1)                 # c_out × (A·c_in)
+        adjoint = weight.permute(1, 2, 3, 0).reshape(c_in, -1)                  # c_in × (A·c_out)
+        u = torch.view_as_complex(self.u)                                       # c_out × F
+        if part is not None:
+            phase, u = phase[:, part], u[:, part]
+        count = phase.shape[1]
         for _ in range(iters):
-            v = _unit(conv_circular_t(u, weight))
-            u = _unit(conv_circular(v, weight))
-        self.u.copy_(u)
+            modulated = (phase.conj()[:, None, :] * u[None]).reshape(-1, count)
+            v, _ = _unit_columns(torch.view_as_complex((adjoint @ _real(modulated)).view(c_in, -1, 2)))
+            modulated = (phase[:, None, :] * v[None]).reshape(-1, count)
+            u, values = _unit_columns(torch.view_as_complex((forward @ _real(modulated)).view(c_out, -1, 2)))
+        if part is None:
+            self.u.copy_(torch.view_as_real(u))
+            self._estimates = values
+        else:
+            torch.view_as_complex(self.u)[:, part] = u
+            self._estimates[part] = values
 
-    def exact_vectors(self, weight: torch.Tensor) -> None:
-        v = top_right_singular_map(weight, self.n)
-        self.u.copy_(_unit(conv_circular(v, weight)))
+    def direction(self, weight: torch.Tensor, index: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """G[o,c,a,b] = Re(conj(u_o)·v_c·e^{-iθ_ab(f)}): ⟨K, G⟩ = Re uᴴK̂(f)v, a constant kernel."""
+        phase = self.phases(weight)[:, index]
+        outer = u.conj()[:, None, None] * v[None, :, None] * phase[None, None, :]
+        return outer.real.reshape(weight.shape).to(weight.dtype)
 
-    def advance(self, weight: torch.Tensor) -> None:
-        """u ← W ṽ/‖W ṽ‖, ṽ = the v `normalise` just computed plus a STEP_JITTER random part;
-        then power_iters − 1 full steps."""
-        stash, self._v = self._v, None
-        v = stash[1] if stash is not None and stash[0] == (self.u._version, self.u.data_ptr()) \
-            else _unit(conv_circular_t(self.u, weight))
-        if self.step_jitter > 0:
-            self._draws += 1  # a private, deterministic stream: the global RNG is left alone
-            rng = torch.Generator(device=v.device).manual_seed(self._draws)
-            noise = torch.randn(v.shape, generator=rng, device=v.device, dtype=v.dtype)
-            v = _unit(v + self.step_jitter * _unit(noise))
-        self.u.copy_(_unit(conv_circular(v, weight)))
-        if self.power_iters > 1:
-            self.power_iteration(weight, self.power_iters - 1)
+    @staticmethod
+    def top_pair(blocks: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(position of the block with the largest σ₁, its top left and right singular vectors, σ₁).
 
-    def direction(self, weight: torch.Tensor) -> torch.Tensor:
-        """G = ∇_K uᵀW(K)v for the current u (v = Wᵀu/‖Wᵀu‖), a constant; σ = ⟨K, G⟩."""
-        with torch.no_grad():
-            w = weight.detach()
-            v = _unit(conv_circular_t(self.u, w))
-            self._v = ((self.u._version, self.u.data_ptr()), v)  # for `advance`, one conv saved
-            padded = F.pad(v, circular_pads(*w.shape[-2:]), mode="circular")
-            return conv2d_weight(padded, w.shape, self.u)
+        Singular values of all blocks, then one full SVD: K̂ v = σ₁ u."""
+        best = int(torch.linalg.svdvals(blocks)[:, 0].argmax())
+        left, values, right_h = torch.linalg.svd(blocks[best], full_matrices=False)
+        return best, left[:, 0], right_h[0].conj(), values[0]
 
-    def normalise(self, weight: torch.Tensor) -> torch.Tensor:
-        g = self.direction(weight)
-        sigma = (weight * g).sum().clamp_min(1e-12)
-        kernel = weight / sigma
+    # ------------------------------------------------------------------ state
+    def state(self, weight: torch.Tensor, estimates: torch.Tensor) -> dict:
+        """The constants of `normalise` for kernel `weight`, given per-frequency σ estimates (F,)."""
+        index = estimates.topk(self.tracked).indices
+        blocks = self.blocks(weight, index)
+        best, u, v, sigma = self.top_pair(blocks)
+        g = self.direction(weight, int(index[best]), u, v)
+        state = {"g": g, "best": index[best], "left": u, "target": None, "g2": None}
         if self.beta < 1:
             g_sq = g.pow(2).sum()
             s1 = g / g_sq
+            s2 = weight / sigma.to(weight.dtype) - s1
+            s1_sq, s2_sq = 1.0 / g_sq, s2.pow(2).sum().clamp_min(1e-30)
+            bm = self.beta * min(weight.shape[0], weight.shape[1])
+            if bm < (weight / sigma.to(weight.dtype)).pow(2).sum():  # the constraint binds
+                state.update(self.shrink(weight, estimates / sigma, index[best], s1, s2, s1_sq, s2_sq, bm, sigma))
+        return state
+
+    def shrink(self, weight, k_values, f_star, s1, s2, s1_sq, s2_sq, bm, sigma) -> dict:
+        """κ = ‖W(S1 + γ(κ)S2)‖₂ by fixed-point iteration, over the frequencies where K′ can be largest.
+
+        ‖K̂′(f)‖ ≤ (1 − γ)‖Ŝ1(f)‖ + γ‖K̃̂(f)‖, and Ŝ1(f) = (D(f − f*)·u*v*ᴴ + D(f + f*)·conj(u*)v*ᵀ)/(2‖G‖²)
+        with D(h) = Σ_ab e^{-iθ_ab(h)}, so ‖Ŝ1(f)‖ ≤ (|D(f − f*)| + |D(f + f*)|)/(2‖G‖²) =: c(f). With
+        k_values ≈ σ₁(K̃̂(f)), score(f) = (1 − γ)c(f) + γ·k_values(f) bounds ‖K̂′(f)‖: the exact σ₁ is
+        taken on the frequencies of largest score until every other score is below κ.
+        """
+        phase = self.phases(weight)
+        star = phase[:, f_star]
+        c = ((phase * star.conj()[:, None]).sum(0).abs() + (phase * star[:, None]).sum(0).abs()) * s1_sq / 2
+        kappa, chosen = self._kappa, torch.zeros(0, dtype=torch.long, device=weight.device)
+        for _ in range(KAPPA_ITERS):
+            gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
+            score = (1 - gamma) * c + gamma * k_values
+            score[chosen] = -1.0
+            extra = score.topk(min(2 * self.tracked, self.freqs - len(chosen))).indices
+            if len(chosen) and float(score[extra[0]]) <= kappa:
+                break  # no frequency left out can beat κ
+            chosen = torch.cat([chosen, extra])
+            s1_hat, k_hat = self.blocks(s1, chosen), self.blocks(weight, chosen) / sigma
+            for _ in range(KAPPA_ITERS):
+                gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
+                shrunk = (1 - gamma) * s1_hat + gamma * k_hat
+                new, kappa = kappa, float(torch.linalg.svdvals(shrunk)[:, 0].max())
+                if abs(kappa - new) <= KAPPA_TOL * kappa:
+                    break
+        self._kappa = kappa
+        best, u, v, _ = self.top_pair(shrunk)
+        return {"target": float(((bm * kappa**2 - s1_sq).clamp_min(0.0)).sqrt()),
+                "g2": self.direction(weight, int(chosen[best]), u, v)}
+        return state
+
+    def advance(self, weight: torch.Tensor) -> None:
+        """An optimisation step's tracking of a new kernel: `power_iters` batched steps on half of the
+        frequencies (p + q even and odd in turn; all of them after a refresh or a state-dict load),
+        then exact SVDs of the TRACKED frequencies with the largest estimates."""
+        if self._estimates is None or self._estimates.device != weight.device:
+            self.power_iteration(weight, INIT_ITERS)
+        else:
+            self._turn ^= 1
+            self.power_iteration(weight, self.power_iters, self.halves(weight.device)[self._turn])
+        self._settle(weight)
+
+    def halves(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat frequency indices with p + q even, and with p + q odd."""
+        half = self.n // 2 + 1
+        index = torch.arange(self.freqs, device=device)
+        parity = (index // half + index % half) % 2
+        return index[parity == 0], index[parity == 1]
+
+    def _settle(self, weight: torch.Tensor, estimates: torch.Tensor | None = None) -> None:
+        self._state = self.state(weight, self._estimates if estimates is None else estimates)
+        u = torch.view_as_complex(self.u)
+        u[:, self._state["best"]] = self._state["left"].to(u.dtype)  # the exact vector as a warm start
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._estimates = None  # a loaded u: the next training step runs a full sweep first
+
+    def exact_state(self, weight: torch.Tensor) -> dict:
+        """The state from the exact spectrum (all frequencies), cached per kernel value."""
+        if self._exact is None or not _same(self._exact[0], weight):
+            w = weight.detach()
+            blocks = torch.fft.rfft2(w, s=(self.n, self.n)).permute(2, 3, 0, 1).reshape(self.freqs, *w.shape[:2])
+            tall = blocks if w.shape[0] >= w.shape[1] else blocks.mH
+            self._exact = (w.clone(), self.state(w, torch.linalg.svdvals(tall)[:, 0]))
+        return self._exact[1]
+
+    def exact_vectors(self, weight: torch.Tensor) -> None:
+        self.power_iteration(weight, INIT_ITERS)
+        self._state = self.exact_state(weight)
+        u = torch.view_as_complex(self.u)
+        u[:, self._state["best"]] = self._state["left"].to(u.dtype)
+
+    def refresh(self, weight: torch.Tensor, iters: int = 50, exact: bool = True) -> None:
+        """exact: INIT_ITERS batched iterations on u, then the exact state (cached for eval);
+        otherwise `iters` batched iterations and exact SVDs of the tracked frequencies."""
+        from .sn import check_iters
+        with torch.inference_mode(False), torch.no_grad():
+            w = weight.detach()
+            if exact:
+                self.exact_vectors(w)
+            else:
+                self.power_iteration(w, check_iters(iters, "iters"))
+                self._settle(w)
+            self._seen = w.clone()
+        self._frozen = None
+
+    # ------------------------------------------------------------------ the weight
+    def normalise(self, weight: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        state = self._state if state is None else state
+        g = state["g"]
+        sigma = (weight * g).sum().clamp_min(1e-12)
+        kernel = weight / sigma
+        if state["target"] is not None:
+            g_sq = g.pow(2).sum()
+            s1 = g / g_sq
             s2 = kernel - s1
-            target = (self.beta * min(weight.shape[0], weight.shape[1]) - 1.0 / g_sq).clamp_min(0.0).sqrt()
-            gamma = (target * s2.pow(2).sum().clamp_min(1e-24).rsqrt()).clamp(max=1.0)  # target is a constant
+            gamma = (state["target"] * s2.pow(2).sum().clamp_min(1e-24).rsqrt()).clamp(max=1.0)
             kernel = s1 + gamma * s2
+            kernel = kernel / (kernel * state["g2"]).sum().clamp_min(1e-12)  # κ = ‖W(K′)‖₂
         return self.alpha * kernel
+
+    def frozen(self, weight: torch.Tensor) -> torch.Tensor:
+        """Eval: the weight from the exact spectrum of the current kernel, a cached constant."""
+        cache = self._frozen
+        if cache is None or not _same(cache[0], weight):
+            with torch.inference_mode(False), torch.no_grad():
+                w = weight.detach()
+                cache = (w.clone(), None, self.normalise(w, self.exact_state(w)))
+            self._frozen = cache
+        return cache[2]
 
     def beta_floor(self, weight: torch.Tensor) -> float:
         """A β at or below which γ = 0 whatever u: ‖S1‖²/m = 1/(m‖G‖²) >= 1/(m·kh·kw)."""

@@ -7,7 +7,7 @@ A sweep file ``sweeps/<name>.yaml`` holds, next to its Hydra sweep, a ``paper:``
       columns: [psnr_7, onset_d1, onset_d9, trf, sigma1, srank]
       rows:
         - name: "SRN-C α=2.0 β=0.1"
-          match: {norm: {kind: srnc, alpha: 2.0, beta: 0.1}}   # config values that pick its runs
+          match: {model: {norm: {kind: srnc, alpha: 2.0, beta: 0.1}}}   # config values that pick its runs
           psnr_7: 35.59
           onset_d1: .inf
           ...
@@ -19,6 +19,10 @@ value of ``csv/metrics.csv``. W&B is not needed. :func:`build_table` matches run
 paper rows by config values (so runs of another sweep with the same model fill a row too:
 ``dir=a,b``), averages repeated runs (seeds), and lists runs that match no paper row
 after the paper's rows. :func:`render_markdown` / :func:`write_csv` write it out.
+
+A job of a ``-m`` sweep that raised leaves ``failed.json`` in its run dir (src/train.py):
+its row is marked failed (``failed`` in every cell of ours when no run of the row
+finished) and the notes name the job's log.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 SWEEPS = Path(__file__).resolve().parents[3] / "sweeps"
+FAILED = "failed"  # our value in every column of a row whose every job raised (failed.json)
 
 # column -> (header, metric key or None for derived columns, format)
 COLUMNS = {
@@ -47,6 +52,11 @@ COLUMNS = {
     "stable": ("Stable", None, "text"),
     "sigma1": ("σ1 (mean)", "spectra/sigma1_mean", "{:.2f}"),
     "srank": ("srank/(n²m)", "spectra/srank_ratio_mean", "{:.3f}"),
+    "verdict": ("verdict", "stability/verdict", "text"),
+    "bound": ("L̂", "stability/bound", "{:.3g}"),
+    "lyapunov": ("λ₁", "stability/lyapunov", "{:+.3f}"),
+    "trf_growth": ("TRF growth", "stability/trf_growth_rate", "{:+.3f}"),
+    "step_s": ("CPU s/step", "speed/train_step_cpu_s", "{:.2f}"),
 }
 
 
@@ -57,6 +67,7 @@ class Run:
     metrics: dict
     name: str
     notes: list = field(default_factory=list)
+    failure: dict | None = None   # failed.json of a sweep job that raised: error, traceback, log
 
     def value(self, key: str):
         """A config value (dotted key), resolved when possible, else None."""
@@ -80,6 +91,11 @@ def load_paper(sweep: str) -> dict:
     if node is None:
         raise ValueError(f"sweeps/{sweep}.yaml has no `paper:` node")
     return OmegaConf.to_container(node, resolve=False)
+
+
+def sweep_group(sweep: str) -> str:
+    """The W&B group the training runs of sweeps/<sweep>.yaml log to (its ``group:``; default its name)."""
+    return str(OmegaConf.load(sweep_file(sweep)).get("group") or sweep)
 
 
 def _last_csv_values(path: Path) -> dict:
@@ -116,19 +132,22 @@ def load_run(path: Path) -> Run | None:
         metrics.update(extra.get("metrics", {}))
     metrics["_device_name"] = (extra.get("device") or {}).get("device_name")
     metrics["_fps_size"] = (extra.get("fps") or {})
+    failure = json.loads((path / "failed.json").read_text()) if (path / "failed.json").is_file() else None
+    if failure is not None:
+        notes = []  # "no metrics.json" says nothing more than the failure does
     name = OmegaConf.select(config, "run_name", throw_on_resolution_failure=False) or path.name
-    return Run(path, config, metrics, str(name), notes)
+    return Run(path, config, metrics, str(name), notes, failure)
 
 
 def collect_runs(dirs) -> list[Run]:
-    """Every run under the given sweep (or run) dirs, in path order."""
+    """Every finished or failed run under the given sweep (or run) dirs, in path order."""
     runs = []
     for d in [Path(d) for d in ([dirs] if isinstance(dirs, (str, Path)) else dirs)]:
         if not d.is_dir():
             raise FileNotFoundError(f"sweep dir {d} does not exist")
         for config in sorted(d.rglob(".hydra/config.yaml")):
             run = load_run(config.parent.parent)
-            if run is not None and ("metrics.json" in {p.name for p in run.path.iterdir()}
+            if run is not None and (run.failure is not None or (run.path / "metrics.json").is_file()
                                     or (run.path / "measurements.json").is_file()):
                 runs.append(run)
     return runs
@@ -212,6 +231,8 @@ def our_value(column: str, runs: list[Run], notes: set, last_frame: bool = True)
         return "✗" if unstable else "✓"
     if column not in COLUMNS:
         raise KeyError(f"unknown column {column!r}; columns: psnr_1..psnr_T, psnr_7, {', '.join(COLUMNS)}")
+    if COLUMNS[column][2] == "text":  # a string metric (the verdict): the runs' values, joined when they differ
+        return " / ".join(sorted({str(m[COLUMNS[column][1]]) for m in ms if m.get(COLUMNS[column][1]) is not None})) or None
     return _mean([m.get(COLUMNS[column][1]) for m in ms])
 
 
@@ -245,7 +266,7 @@ class Table:
     sweep: str
     title: str
     columns: list
-    rows: list          # dicts: name, runs, ours{col: value}, paper{col: value}
+    rows: list          # dicts: name, runs, failed, status, dirs, logs, ours{col: value}, paper{col: value}
     notes: list
 
 
@@ -257,17 +278,28 @@ def build_table(sweep: str, runs: list[Run], paper: dict | None = None) -> Table
     notes: set = set()
     taken: set = set()
     rows = []
+
+    def row(name: str, matched: list[Run], paper_values: dict, note: str = "") -> dict:
+        ok = [r for r in matched if r.failure is None]
+        failed = [r for r in matched if r.failure is not None]
+        for r in failed:
+            notes.add(f"{name}: job {r.path.name} failed ({r.failure.get('error', '?').splitlines()[0]}); "
+                      f"log: {r.failure.get('log') or r.path}")
+        ours = {c: our_value(c, ok, notes, last) for c in columns}
+        if failed and not ok:
+            ours = {c: FAILED for c in columns}
+        status = "failed" if failed and not ok else "partly failed" if failed else "ok" if ok else "not run"
+        return {"name": name, "runs": len(ok), "failed": len(failed), "status": status,
+                "dirs": [str(r.path) for r in matched], "logs": [r.failure.get("log") or str(r.path) for r in failed],
+                "ours": ours, "paper": paper_values, "note": note}
+
     for spec in paper["rows"]:
         mine = [r for r in runs if id(r) not in taken and matches(r, spec.get("match") or {})]
         taken.update(id(r) for r in mine)
-        rows.append({"name": spec["name"], "runs": len(mine), "dirs": [str(r.path) for r in mine],
-                     "ours": {c: our_value(c, mine, notes, last) for c in columns},
-                     "paper": {c: spec.get(c) for c in columns}, "note": spec.get("note", "")})
+        rows.append(row(spec["name"], mine, {c: spec.get(c) for c in columns}, spec.get("note", "")))
     for run in runs:
         if id(run) not in taken:
-            rows.append({"name": f"{run.name} (not in the paper)", "runs": 1, "dirs": [str(run.path)],
-                         "ours": {c: our_value(c, [run], notes, last) for c in columns},
-                         "paper": {c: None for c in columns}, "note": ""})
+            rows.append(row(f"{run.name} (not in the paper)", [run], {c: None for c in columns}))
     if "fps" in columns:
         devices = sorted({str(r.metrics.get("_device_name")) for r in runs if r.metrics.get("_device_name")})
         sizes = sorted({f"{s.get('width')}×{s.get('height')}" for r in runs if (s := r.metrics.get("_fps_size"))})
@@ -285,7 +317,7 @@ def render_markdown(table: Table) -> str:
         cells += [header(c), f"{header(c)} paper"]
     lines = [f"## {table.title}", "", "| " + " | ".join(cells) + " |", "|" + "---|" * len(cells)]
     for row in table.rows:
-        cells = [row["name"], str(row["runs"])]
+        cells = [row["name"], f"{row['runs']} + {row['failed']} failed" if row["failed"] else str(row["runs"])]
         for c in table.columns:
             cells += [fmt(c, row["ours"][c]) or "—", fmt(c, row["paper"][c]) or "—"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -298,12 +330,14 @@ def write_csv(table: Table, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "runs"] + [x for c in table.columns for x in (c, f"paper_{c}")] + ["run_dirs"])
+        writer.writerow(["model", "runs", "failed", "status"] + [x for c in table.columns for x in (c, f"paper_{c}")]
+                        + ["run_dirs", "failed_logs"])
         for row in table.rows:
             values = [row["ours"][c] for c in table.columns]
             papers = [row["paper"][c] for c in table.columns]
-            writer.writerow([row["name"], row["runs"]] + [x for v, p in zip(values, papers) for x in (_raw(v), _raw(p))]
-                            + [";".join(row["dirs"])])
+            writer.writerow([row["name"], row["runs"], row["failed"], row["status"]]
+                            + [x for v, p in zip(values, papers) for x in (_raw(v), _raw(p))]
+                            + [";".join(row["dirs"]), ";".join(str(p) for p in row["logs"])])
     return path
 
 
@@ -320,6 +354,9 @@ def draw_figure(table: Table, runs: list[Run], paper: dict, path: Path) -> Path 
     spec = paper.get("figure")
     if not spec or not runs:
         return None
+    if spec["kind"] == "stability_trajectory":  # the stability monitor's metrics against the step, per run
+        from recstab.report.trajectory import draw_trajectories
+        return draw_trajectories({run.name: run.path for run in runs}, path, table.title)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -373,7 +410,7 @@ def report(sweep: str, dirs, out: Path | None = None) -> tuple[Table, dict]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / f"{sweep}.md", "csv": write_csv(table, out / f"{sweep}.csv")}
     files["markdown"].write_text(render_markdown(table))
-    figure = draw_figure(table, runs, paper, out / f"{sweep}.png")
+    figure = draw_figure(table, [r for r in runs if r.failure is None], paper, out / f"{sweep}.png")
     if figure:
         files["figure"] = figure
     return table, files

@@ -1,0 +1,272 @@
+"""Faults during a diagnosis: killed and resumed, unreadable files, non-finite input, a failing section."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from recstab.data.long_video import LongVideo, VideoDecodeError
+from recstab.diagnostics import engine, instability_onsets, stability_report
+from recstab.models import build_model
+
+av = pytest.importorskip("av")
+from test_long_video import write_video  # noqa: E402  (needs av)
+
+TRF = dict(frames=11, size=8, iters=2)
+LYAP = dict(frames=30, size=8, burn_in=5)
+
+
+def tiny(recurrence="feat", seed=0):
+    torch.manual_seed(seed)
+    return build_model("vresnet", recurrence, "denoise", 8)
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAfter(nn.Module):
+    """The wrapped model, except that it raises after `after` frames (None: never): a kill mid-stream."""
+
+    def __init__(self, model, after=None):
+        super().__init__()
+        self.model, self.after, self.seen = model, after, 0
+        self.in_channels, self.task = model.in_channels, model.task
+
+    def process(self, x, state=None):
+        self.seen += x.shape[1]
+        if self.after is not None and self.seen > self.after:
+            raise Killed(f"killed after {self.after} frames")
+        return self.model.process(x, state)
+
+    def forward(self, x):
+        return self.process(x)[0]
+
+
+class Breaks(nn.Module):
+    """Returns its input, NaN on the k-th frame since the last reset; remembers what it was fed."""
+
+    in_channels = 3
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.inputs_finite, self.resets = k, [], 0
+
+    def process(self, x, state=None):
+        if state is None:
+            self.resets += 1
+        n = 0 if state is None else state
+        ys = []
+        for t in range(x.shape[1]):
+            n += 1
+            self.inputs_finite.append(bool(torch.isfinite(x[:, t]).all()))
+            ys.append(x[:, t] * float("nan") if n == self.k else x[:, t].clone())
+        return torch.stack(ys, 1), n
+
+    def forward(self, x):
+        return self.process(x)[0]
+
+
+@pytest.fixture
+def videos(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / "a.mp4", frames=9, height=16, width=16)
+    write_video(folder / "b.mp4", frames=7, height=16, width=16, level=150)
+    return folder
+
+
+def bad_files(folder):
+    (folder / "garbage.mp4").write_bytes(b"this is not a video\n" * 40)
+    (folder / "empty.mp4").write_bytes(b"")
+    t = write_video(folder / "truncated.mp4", frames=30, height=16, width=16)
+    data = t.read_bytes()
+    t.write_bytes(data[:len(data) * 6 // 10])
+    return ["garbage.mp4", "empty.mp4", "truncated.mp4"]
+
+
+# ---------------------------------------------------------------------------------- killed and resumed
+def test_onset_test_killed_mid_stream_resumes_to_the_same_onsets(tmp_path, videos):
+    stream = LongVideo(videos, loop_to=200)
+    kw = dict(sigma=30 / 255, chunk=8, progress_every=24, prefetch=2)
+    whole = instability_onsets(KillAfter(tiny()), stream, progress=tmp_path / "whole.pt", **kw)
+    assert whole.n_onsets >= 4 and whole.frames == 200  # He-init feat diverges again and again
+
+    progress = tmp_path / "progress.pt"
+    with pytest.raises(Killed):
+        instability_onsets(KillAfter(tiny(), after=130), stream, progress=progress, **kw)
+    saved = torch.load(progress, weights_only=True)
+    assert 24 <= saved["frames"] <= 130 and not saved["complete"]
+    assert 0 < len(saved["onsets"]) < whole.n_onsets  # onsets on both sides of the kill
+
+    resumed = instability_onsets(KillAfter(tiny()), stream, progress=progress, resume=True, **kw)
+    assert resumed.resumed_from == saved["frames"]
+    assert resumed.onsets == whole.onsets and resumed.unstable_frames == whole.unstable_frames
+    assert resumed.divergent == whole.divergent and resumed.frames == 200
+    assert np.array_equal(resumed.psnr, whole.psnr, equal_nan=True)
+    # a finished run resumes to itself; another model or other settings are refused, naming what differs
+    again = instability_onsets(KillAfter(tiny()), stream, progress=progress, resume=True, **kw)
+    assert again.onsets == whole.onsets
+    with pytest.raises(ValueError, match="model"):
+        instability_onsets(KillAfter(tiny(seed=1)), stream, progress=progress, resume=True, **kw)
+    with pytest.raises(ValueError, match="seed"):
+        instability_onsets(KillAfter(tiny()), stream, progress=progress, resume=True, **{**kw, "seed": 3})
+
+
+@pytest.mark.slow
+def test_diagnose_killed_with_sigkill_and_resumed(tmp_path, repo_root, videos):
+    """A real `python src/diagnose.py` run, SIGKILLed during the onset test, then resume=true."""
+    common = ["model.channels=8", "trf.frames=11", "trf.size=8", "trf.iters=2", "lyapunov.frames=20",
+              "lyapunov.size=8", "lyapunov.burn_in=5", f"long_video.paths_or_folder={videos}",
+              "long_video.loop_to=1200", "onsets.chunk=8", "onsets.progress_every=64", "spectra_n=8",
+              "wandb.enabled=false", "device=cpu"]
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    # slow the model down so the kill lands mid-stream (1200 frames take ~5 s instead of ~1 s)
+    slow = ("import sys, time, runpy; import recstab.models.interface as i; p = i.VideoModel.process\n"
+            "def process(self, x, state=None):\n    time.sleep(0.004 * x.shape[1]); return p(self, x, state)\n"
+            "i.VideoModel.process = process; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    script = str(repo_root / "src" / "diagnose.py")
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", slow, script, *common, f"paths.log_dir={tmp_path / 'logs'}",
+                             f"report_dir={killed_dir}"], env=env, cwd=repo_root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = killed_dir / "onsets_progress.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if progress.is_file() and torch.load(progress, weights_only=True)["frames"] >= 300:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"diagnose ended before the kill: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = torch.load(progress, weights_only=True)["frames"]
+    assert 300 <= done_at_kill < 1200
+    partial = json.loads((killed_dir / "report.json").read_text())
+    assert partial["sections"]["trf"]["status"] == "done" and "onsets" not in partial["sections"]
+
+    out = subprocess.run([sys.executable, script, *common, f"paths.log_dir={tmp_path / 'logs'}",
+                          f"report_dir={killed_dir}", "resume=true"], env=env, cwd=repo_root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    whole_dir = tmp_path / "whole"
+    out = subprocess.run([sys.executable, script, *common, f"paths.log_dir={tmp_path / 'logs'}",
+                          f"report_dir={whole_dir}"], env=env, cwd=repo_root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = json.loads((killed_dir / "report.json").read_text())["onsets"]
+    whole = json.loads((whole_dir / "report.json").read_text())["onsets"]
+    assert resumed["resumed_from"] == done_at_kill and whole["resumed_from"] is None
+    assert resumed["frames"] == whole["frames"] == 1200 and whole["n_onsets"] > 0
+    assert resumed["onsets"] == whole["onsets"] and resumed["unstable_frames"] == whole["unstable_frames"]
+
+
+# ---------------------------------------------------------------------------------- unreadable files
+def test_bad_files_in_a_folder_are_skipped_and_listed(tmp_path, videos):
+    names = bad_files(videos)
+    stream = LongVideo(videos, skip_bad=True)
+    with pytest.warns(RuntimeWarning) as caught:
+        report = stability_report(tiny(), tmp_path / "r", clean_frames=stream, trf_kwargs=TRF,
+                                  lyapunov_kwargs=LYAP, spectra_n=8)
+    warned = " ".join(str(w.message) for w in caught)
+    assert all(n in warned for n in names)
+    assert report.onsets.frames == 16  # the two readable videos, 9 + 7 frames
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    listed = {os.path.basename(s["path"]): s["reason"] for s in data["skipped_files"]}
+    assert set(listed) == set(names)
+    assert "empty file" in listed["empty.mp4"] and "cannot open" in listed["garbage.mp4"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Skipped files" in md and all(n in md for n in names)
+    assert all(v["status"] == "done" for v in data["sections"].values())
+
+
+def test_no_readable_video_fails_before_the_trf_naming_every_file(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    names = bad_files(folder)
+    calls = []
+    with pytest.raises(VideoDecodeError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stability_report(_Spy(tiny(), calls), tmp_path / "r", clean_frames=LongVideo(folder, skip_bad=True),
+                             trf_kwargs=TRF, spectra_n=8)
+    message = str(error.value)
+    assert all(n in message for n in names) and "no readable video among the 3" in message
+    assert "empty file" in message
+    assert calls == [] and not (tmp_path / "r" / "trf.png").exists()  # nothing was measured
+
+
+class _Spy(nn.Module):
+    def __init__(self, model, calls):
+        super().__init__()
+        self.model, self.calls = model, calls
+        self.in_channels, self.task = model.in_channels, model.task
+
+    def forward(self, x):
+        self.calls.append("forward")
+        return self.model(x)
+
+    def process(self, x, state=None):
+        self.calls.append("process")
+        return self.model.process(x, state)
+
+
+# ---------------------------------------------------------------------------------- non-finite input
+def test_non_finite_input_frames_reset_the_state_and_are_listed():
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.rand(3, 4, 4, generator=g) for _ in range(20)]
+    frames[4] = frames[4].clone()
+    frames[4][0, 1, 1] = float("nan")
+    frames[15] = torch.full((3, 4, 4), float("inf"))
+    model = Breaks(7)
+    result = instability_onsets(model, frames, chunk=4)
+    # 0-3, then NaN at 4 (reset, not an onset), 5-11: 7th frame since the reset diverges at 11,
+    # 12-14, then Inf at 15 (reset), 16-19: the tail
+    assert result.input_nonfinite_frames == [4, 15]
+    assert result.onsets == [7] and result.unstable_frames == [11] and result.tail == 4
+    assert result.frames == 20 and len(result.psnr) == 20
+    assert np.isnan(result.psnr[[4, 15]]).all() and np.isfinite(np.delete(result.psnr, [4, 11, 15])).all()
+    assert all(model.inputs_finite) and len(model.inputs_finite) == 18 + 1  # never fed; +1: the from-reset check
+    assert result.divergent == [True]  # the same frame from the initial state is finite: a feedback divergence
+    metrics = engine.onset_metrics(result)
+    assert metrics["long/input_nonfinite"] == 2.0 and metrics["long/n_onsets"] == 1.0
+
+
+# ---------------------------------------------------------------------------------- a failing section
+def test_a_failing_section_is_recorded_and_the_others_written(tmp_path, monkeypatch, videos):
+    def boom(*args, **kwargs):
+        raise RuntimeError("lyapunov exploded")
+    monkeypatch.setattr(engine, "lyapunov", boom)
+    report = stability_report(tiny(), tmp_path / "r", clean_frames=LongVideo(videos), trf_kwargs=TRF,
+                              lyapunov_kwargs=LYAP, spectra_n=8)
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert data["sections"]["lyapunov"]["status"] == "failed"
+    assert "lyapunov exploded" in data["sections"]["lyapunov"]["error"]
+    assert data["sections"]["trf"]["status"] == "done" and data["sections"]["onsets"]["status"] == "done"
+    assert data["trf"] is not None and data["onsets"]["frames"] == 16 and len(data["convs"]) == 12
+    assert "lyapunov exploded" in (tmp_path / "r" / "report.md").read_text()
+    assert report.sections["lyapunov"]["status"] == "failed"
+
+
+def test_a_kill_during_a_section_keeps_the_sections_before_it(tmp_path, monkeypatch, videos):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "onsets", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stability_report(tiny(), tmp_path / "r", clean_frames=LongVideo(videos), trf_kwargs=TRF,
+                         lyapunov_kwargs=LYAP, spectra_n=8)
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [k for k, v in data["sections"].items() if v["status"] == "done"] == \
+        ["spectra", "certificate", "trf", "lyapunov"]
+    assert data["trf"]["verdict"] == "unbounded" and data["verdict"] == "proven unstable"
+    assert (tmp_path / "r" / "trf_unbounded_sequence.pt").is_file()

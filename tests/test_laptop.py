@@ -1,0 +1,94 @@
+"""The paper on a laptop: sweeps/laptop.yaml composes, every row runs under debug=smoke, the report and the
+stability-across-training figure are drawn."""
+
+import csv
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from recstab.report.trajectory import draw_trajectories, read_trajectory
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def jobs(cfg):
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    axes = [[f"{k}={v.strip()}" for v in str(values).split(",")] for k, values in params.items()]
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def test_laptop_sweep_composes_unconstrained_hard_and_soft():
+    cfg = compose_train(["sweep=laptop"])
+    assert cfg.task_name == cfg.group == "laptop"
+    norms = []
+    for overrides in jobs(cfg):
+        job = compose_train(["sweep=laptop", *overrides])
+        norm = job.model.norm
+        norms.append((norm.kind, norm.get("alpha"), norm.get("beta")))
+        assert (job.model.backbone, job.recurrence.name, job.task.name) == ("vresnet", "feat", "denoise")
+        assert job.callbacks.step_timer._target_ == "recstab.lit.step_timer.StepTimer"
+        assert job.callbacks.trf_monitor.every_n_val_epochs == 1
+        assert job.trainer.max_steps == compose_train([]).trainer.max_steps  # the default recipe
+    assert norms == [("none", None, None), ("srnc", 0.5, 1.0), ("srnc", 2.0, 0.1)]
+    assert norms[1][1] < 1  # the Hard constraint certifies: alpha < 1
+
+
+def test_every_row_runs_under_smoke_and_the_report_has_a_row_each(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "sweep=laptop", "debug=smoke",
+           f"hydra.sweep.dir={sweep_dir}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file())
+    assert [p.name.split("_", 1)[1] for p in runs] == ["laptop-unconstrained", "laptop-srnc_0.5_1.0",
+                                                       "laptop-srnc_2.0_0.1"]
+    for run in runs:
+        assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "measurements.json").is_file()
+    report = subprocess.run([sys.executable, str(ROOT / "src" / "report.py"), "sweep=laptop", f"dir={sweep_dir}",
+                             "wandb=false"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, **ENV}, timeout=300)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
+    table = [line for line in report.stdout.splitlines() if line.startswith("| ")]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table[1:]}
+    assert rows == {"No constraint": "1", "SRN-C α=0.5 β=1.0 (Hard)": "1", "SRN-C α=2.0 β=0.1 (Soft)": "1"}
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    keys = sorted(set().union(*rows))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_trajectory_reads_the_monitor_rows_and_draws_one_png(tmp_path):
+    rows = [{"step": 99, "train/loss": 0.1},
+            {"step": 100, "stability/lyapunov": 0.3, "stability/bound": 40.0, "stability/trf_growth_rate": 0.2,
+             "stability/verdict_code": 3},
+            {"step": 150, "train/loss": 0.05},
+            {"step": 200, "stability/lyapunov": -0.4, "stability/bound": 30.0, "stability/trf_growth_rate": -0.3,
+             "stability/verdict_code": 1}]
+    a = write_csv(tmp_path / "a" / "csv" / "metrics.csv", rows)
+    data = read_trajectory(a)
+    assert data["stability/lyapunov"] == ([100, 200], [0.3, -0.4])
+    assert data["stability/verdict_code"] == ([100, 200], [3.0, 1.0])
+    write_csv(tmp_path / "b" / "csv" / "metrics.csv", [{"step": 10, "train/loss": 1.0}])  # no monitor rows
+    png = draw_trajectories({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "out" / "trajectory.png")
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert draw_trajectories({"b": tmp_path / "b"}, tmp_path / "none.png") is None
+    with pytest.raises(FileNotFoundError, match="metrics"):
+        read_trajectory(tmp_path / "missing.csv")
