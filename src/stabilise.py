@@ -313,6 +313,7 @@ def stabilise_dampening(module, clip, datamodule, cfg: DictConfig, out_dir: Path
         after = measure(module.model, clip, search.chosen, trf=trf, burn_in=ly["burn_in"])
     before.psnr = validation_psnr(module.model, datamodule, 1.0, cfg.val_batches)
     after.psnr = validation_psnr(module.model, datamodule, search.chosen, cfg.val_batches)
+    psnr_cert = validation_psnr(module.model, datamodule, search.certified, cfg.val_batches)  # the price of a proof
     new = copy.copy(ckpt)
     new["hyper_parameters"] = {**ckpt["hyper_parameters"], "dampening": search.chosen}
     import torch
@@ -321,13 +322,13 @@ def stabilise_dampening(module, clip, datamodule, cfg: DictConfig, out_dir: Path
     torch.save(new, ckpt_out)
     lines = [f"λ_cert = e^(−{d.margin})/L̂(1) = {search.certified:.4f} (certified contraction); "
              f"largest λ found stable (λ₁ < −{d.margin}, TRF not unbounded): {search.empirical:.4f}; "
-             f"chosen: {search.chosen:.4f} ({search.selected_by}).", "",
+             f"chosen: {search.chosen:.4f} ({search.selected_by}). PSNR_7 at λ_cert: {psnr_cert[-1]:.2f} dB.", "",
              "| λ | L̂ | λ₁ | TRF | verdict |", "|---|---|---|---|---|"]
     lines += [f"| {m.dampening:.4f} | {m.bound:.3g} | {m.lyapunov:+.3f} ± {m.lyapunov_stderr:.3f} | "
               f"{m.trf_verdict} ({m.trf_extent}) | {m.verdict} |" for m in search.trials]
     lines += ["", f"checkpoint: `{ckpt_out}` (module dampening = {search.chosen:.4f})"]
     return write_report(out_dir, "Feature dampening (appendix F)", before, after,
-                        {"search": {k: v for k, v in asdict(search).items() if k != "trials"},
+                        {"search": {k: v for k, v in asdict(search).items() if k != "trials"}, "psnr_at_certified": psnr_cert,
                          "trials": [asdict(m) for m in search.trials], "checkpoint": str(ckpt_out)}, lines)
 
 

@@ -45,6 +45,7 @@ def test_laptop_sweep_composes_unconstrained_hard_and_soft():
     assert norms[1][1] < 1  # the Hard constraint certifies: alpha < 1
 
 
+@pytest.mark.slow
 def test_every_row_runs_under_smoke_and_the_report_has_a_row_each(tmp_path):
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "sweep=laptop", "debug=smoke",

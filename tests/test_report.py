@@ -29,11 +29,11 @@ def fake_run(kind, alpha, metrics, name="r", failure=None):
 
 def test_rows_matched_by_config_values_averaged_and_unmatched_listed():
     runs = [fake_run("srnc", 2, {"test/psnr_7": 30.0, "long/onset_d1": math.inf, "long/onset_d9": math.inf,
-                                 "trf/unbounded": 0.0, "trf/extent": 6.0}, "s1"),
+                                 "stability/trf_unbounded": 0.0, "stability/trf_extent": 6.0}, "s1"),
             fake_run("srnc", 2.0, {"test/psnr_7": 32.0, "long/onset_d1": math.inf, "long/onset_d9": math.inf,
-                                   "trf/unbounded": 0.0, "trf/extent": 8.0}, "s2"),
+                                   "stability/trf_unbounded": 0.0, "stability/trf_extent": 8.0}, "s2"),
             fake_run("none", 1.0, {"test/psnr_3": 20.0, "test/psnr_1": 19.0, "long/onset_d1": 3.0,
-                                   "long/onset_d9": 9.0, "trf/unbounded": 1.0}, "n"),
+                                   "long/onset_d9": 9.0, "stability/trf_unbounded": 1.0}, "n"),
             fake_run("sn", 1.0, {"test/psnr_7": 10.0}, "extra")]
     table = build_table("x", runs, PAPER)
     a, b, extra = table.rows
@@ -247,8 +247,8 @@ def _wandb_records(path: Path) -> list:
 def test_verdicts_compare_our_stability_with_the_papers():
     from recstab.report.dashboard import verdicts
 
-    runs = [fake_run("srnc", 2.0, {"test/psnr_7": 35.0, "long/onset_d1": math.inf, "trf/unbounded": 0.0}, "s"),
-            fake_run("none", 1.0, {"test/psnr_7": 36.0, "long/onset_d1": math.inf, "trf/unbounded": 0.0}, "n")]
+    runs = [fake_run("srnc", 2.0, {"test/psnr_7": 35.0, "long/onset_d1": math.inf, "stability/trf_unbounded": 0.0}, "s"),
+            fake_run("none", 1.0, {"test/psnr_7": 36.0, "long/onset_d1": math.inf, "stability/trf_unbounded": 0.0}, "n")]
     a, b = verdicts(build_table("x", runs, PAPER))
     assert (a["ours"], a["paper"], a["agrees"]) == ("stable", "stable", True)
     assert a["psnr_minus_paper"] == pytest.approx(35.0 - 35.59)

@@ -184,7 +184,7 @@ def test_whole_sweep_runs_under_smoke(name, smoke_sweep):
         if name == "table1":
             assert metrics["speed/fps"] > 0
         if name in ("table2", "table3", "table5", "table6", "table7", "table8"):
-            assert {"trf/unbounded", "long/onset_d1", "long/onset_d9", "spectra/sigma1_mean"} <= set(metrics)
+            assert {"stability/trf_unbounded", "long/onset_d1", "long/onset_d9", "spectra/sigma1_mean"} <= set(metrics)
         if name in ("fig9", "fig12"):
             assert "long/onset_d1" in metrics and (run / "measure" / "long_psnr.npy").is_file()
         if name == "table4":
@@ -209,7 +209,7 @@ def test_table7_dampening_reaches_the_model_tested_from_a_checkpoint(smoke_sweep
         by_lambda[float(config.module.dampening)] = (json.loads((run / "metrics.json").read_text()), measured)
     assert len(by_lambda) == 8
     assert by_lambda[1.0][0]["test/psnr_mean"] != by_lambda[0.0][0]["test/psnr_mean"]  # the output changed
-    assert by_lambda[0.0][1]["trf/unbounded"] == 0.0  # λ = 0 cuts the feedback: a feedforward model
+    assert by_lambda[0.0][1]["stability/trf_unbounded"] == 0.0  # λ = 0 cuts the feedback: a feedforward model
     # the same trained weights for every λ
     assert len({round(m["spectra/sigma1_mean"], 6) for _, m in by_lambda.values()}) == 1
 

@@ -116,7 +116,7 @@ from .sn import PowerIterationNorm, _same, check_beta
 from .spectra import check_kernel
 
 INIT_ITERS = 20   # cold per-frequency power iterations of a fresh u
-TRACKED = 8       # frequencies whose block gets an exact SVD each step
+TRACKED = 6       # frequencies per half whose block gets exact singular values each step
 KAPPA_ITERS = 8   # fixed-point iterations for κ (β < 1)
 KAPPA_TOL = 1e-6  # relative
 
@@ -124,6 +124,17 @@ KAPPA_TOL = 1e-6  # relative
 def _unit_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     norms = x.abs().pow(2).sum(0).sqrt()
     return x / norms.clamp_min(1e-30), norms
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+def _top_values(blocks: torch.Tensor) -> torch.Tensor:
+    """σ₁ of each block of a batch: √λ_max of the smaller Gram matrix (half the time of batched SVDs;
+    squaring costs relative precision only at the bottom of the spectrum, not at σ₁)."""
+    gram = blocks.mH @ blocks if blocks.shape[-2] >= blocks.shape[-1] else blocks @ blocks.mH
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0).sqrt()
 
 
 def _real(x: torch.Tensor) -> torch.Tensor:
@@ -142,13 +153,14 @@ class ConvStableRankNorm(PowerIterationNorm):
         self.n = n
         c_out, c_in, kh, kw = weight.shape
         self.freqs = n * (n // 2 + 1)
-        self.tracked = min(TRACKED, self.freqs)
+        self.tracked = TRACKED
         self._phase_cache: tuple | None = None
         self._state: dict | None = None   # constants of `normalise` for the kernel `_seen`
         self._exact: tuple | None = None  # (kernel copy, state) from the exact spectrum
         self._kappa = 1.0                 # the last κ (β < 1), a warm start for the next
         self._estimates: torch.Tensor | None = None  # s_f per frequency (not saved: rebuilt by a sweep)
         self._turn = 1                    # which half of the frequencies the next step updates
+        self._halves: tuple | None = None
         generator = torch.Generator().manual_seed(0)  # deterministic; the global RNG is left alone
         start = torch.randn(c_out, self.freqs, 2, generator=generator, dtype=weight.dtype)
         self.register_buffer("u", start.to(weight.device))
@@ -207,20 +219,52 @@ class ConvStableRankNorm(PowerIterationNorm):
         return outer.real.reshape(weight.shape).to(weight.dtype)
 
     @staticmethod
-    def top_pair(blocks: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def top_pair(blocks: torch.Tensor, values: torch.Tensor | None = None
+                 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(position of the block with the largest σ₁, its top left and right singular vectors, σ₁).
 
-        Singular values of all blocks, then one full SVD: K̂ v = σ₁ u."""
-        best = int(torch.linalg.svdvals(blocks)[:, 0].argmax())
-        left, values, right_h = torch.linalg.svd(blocks[best], full_matrices=False)
-        return best, left[:, 0], right_h[0].conj(), values[0]
+        Largest singular values of all blocks (unless given), then one full SVD: K̂ v = σ₁ u."""
+        best = int((_top_values(blocks) if values is None else values).argmax())
+        if blocks.shape[-2] >= blocks.shape[-1]:
+            left, values, right_h = torch.linalg.svd(blocks[best], full_matrices=False)
+            return best, left[:, 0], right_h[0].conj(), values[0]
+        left, values, right_h = torch.linalg.svd(blocks[best].mH, full_matrices=False)  # K̂ᴴ = L S Rᴴ
+        return best, right_h[0].conj(), left[:, 0], values[0]
+
+    def drift(self, weight: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """‖K̂(f) − K̂_prev(f)‖_F for every frequency, from the kh·kw × kh·kw Gram matrix of the taps'
+        change: Σ_{ab,a′b′} ⟨Δ_ab, Δ_a′b′⟩ e^{-iθ_ab} e^{+iθ_a′b′} (no block is formed)."""
+        delta = (weight - previous).reshape(-1, weight.shape[2] * weight.shape[3])
+        gram = (delta.T @ delta).to(self.phases(weight).dtype)
+        phase = self.phases(weight)
+        return (phase * (gram @ phase.conj())).sum(0).real.clamp_min(0.0).sqrt()
 
     # ------------------------------------------------------------------ state
-    def state(self, weight: torch.Tensor, estimates: torch.Tensor) -> dict:
-        """The constants of `normalise` for kernel `weight`, given per-frequency σ estimates (F,)."""
-        index = estimates.topk(self.tracked).indices
+    def state(self, weight: torch.Tensor, estimates: torch.Tensor, drift: torch.Tensor | None = None) -> dict:
+        """The constants of `normalise` for kernel `weight`, given per-frequency σ estimates (F,).
+
+        The candidates are the TRACKED largest estimates of each half of the frequencies: one half
+        was updated this step, the other one step earlier, and only estimates of the same age are
+        compared (a stale estimate may be above the current value). `drift` (training: the change of
+        each block since the last step) adds the frequencies whose estimate plus drift exceeds the
+        largest exact σ₁ found: a block can grow faster than its power-iteration vector follows
+        (Adam moves all taps alike, which lifts the low frequencies coherently)."""
+        even, odd = self.halves(weight.device)
+        index = torch.cat([part[estimates[part].topk(min(self.tracked, len(part))).indices] for part in (even, odd)])
         blocks = self.blocks(weight, index)
-        best, u, v, sigma = self.top_pair(blocks)
+        values = _top_values(blocks)
+        if drift is not None:  # σ₁ moves by at most ‖ΔK̂(f)‖: examine the frequencies that could now lead
+            priority = estimates + drift
+            priority[index] = -math.inf
+            extra = priority.topk(self.tracked).indices
+            extra = extra[priority[extra] > values.max()]
+            if len(extra):
+                extra_blocks = self.blocks(weight, extra)
+                index, blocks = torch.cat([index, extra]), torch.cat([blocks, extra_blocks])
+                values = torch.cat([values, _top_values(extra_blocks)])
+        best, u, v, sigma = self.top_pair(blocks, values)
+        estimates = estimates.clone()
+        estimates[index] = values.to(estimates.dtype)  # exact where known (and for the κ candidates)
         g = self.direction(weight, int(index[best]), u, v)
         state = {"g": g, "best": index[best], "left": u, "target": None, "g2": None}
         if self.beta < 1:
@@ -230,62 +274,64 @@ class ConvStableRankNorm(PowerIterationNorm):
             s1_sq, s2_sq = 1.0 / g_sq, s2.pow(2).sum().clamp_min(1e-30)
             bm = self.beta * min(weight.shape[0], weight.shape[1])
             if bm < (weight / sigma.to(weight.dtype)).pow(2).sum():  # the constraint binds
-                state.update(self.shrink(weight, estimates / sigma, index[best], s1, s2, s1_sq, s2_sq, bm, sigma))
+                order = torch.cat([index[best:best + 1], index[:best], index[best + 1:]])  # f* first
+                state.update(self.shrink(weight, estimates / sigma, order, s1, s2, s1_sq, s2_sq, bm, sigma))
         return state
 
-    def shrink(self, weight, k_values, f_star, s1, s2, s1_sq, s2_sq, bm, sigma) -> dict:
-        """κ = ‖W(S1 + γ(κ)S2)‖₂ by fixed-point iteration, over the frequencies where K′ can be largest.
+    def shrink(self, weight, k_values, index, s1, s2, s1_sq, s2_sq, bm, sigma) -> dict:
+        """κ = ‖W(S1 + γ(κ)S2)‖₂ by fixed-point iteration, on the frequencies where K′ can be largest.
 
         ‖K̂′(f)‖ ≤ (1 − γ)‖Ŝ1(f)‖ + γ‖K̃̂(f)‖, and Ŝ1(f) = (D(f − f*)·u*v*ᴴ + D(f + f*)·conj(u*)v*ᵀ)/(2‖G‖²)
-        with D(h) = Σ_ab e^{-iθ_ab(h)}, so ‖Ŝ1(f)‖ ≤ (|D(f − f*)| + |D(f + f*)|)/(2‖G‖²) =: c(f). With
-        k_values ≈ σ₁(K̃̂(f)), score(f) = (1 − γ)c(f) + γ·k_values(f) bounds ‖K̂′(f)‖: the exact σ₁ is
-        taken on the frequencies of largest score until every other score is below κ.
+        with D(h) = Σ_ab e^{-iθ_ab(h)}, so ‖Ŝ1(f)‖ ≤ (|D(f − f*)| + |D(f + f*)|)/(2‖G‖²) =: c(f). The
+        candidates: the tracked frequencies `index` (largest σ₁(K̃̂)) and the TRACKED largest of
+        (1 − γ)c(f) + γ·k_values(f) (k_values ≈ σ₁(K̃̂(f))), which adds the neighbourhood of ±f* —
+        where S1 lives, and where K′ peaks when f* is close to a self-conjugate frequency.
         """
         phase = self.phases(weight)
-        star = phase[:, f_star]
+        star = phase[:, index[0]]
         c = ((phase * star.conj()[:, None]).sum(0).abs() + (phase * star[:, None]).sum(0).abs()) * s1_sq / 2
-        kappa, chosen = self._kappa, torch.zeros(0, dtype=torch.long, device=weight.device)
+        kappa = self._kappa
+        gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
+        score = (1 - gamma) * c + gamma * k_values
+        score[index] = -1.0
+        chosen = torch.cat([index, score.topk(min(self.tracked, self.freqs - len(index))).indices])
+        s1_hat, k_hat = self.blocks(s1, chosen), self.blocks(weight, chosen) / sigma
         for _ in range(KAPPA_ITERS):
             gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
-            score = (1 - gamma) * c + gamma * k_values
-            score[chosen] = -1.0
-            extra = score.topk(min(2 * self.tracked, self.freqs - len(chosen))).indices
-            if len(chosen) and float(score[extra[0]]) <= kappa:
-                break  # no frequency left out can beat κ
-            chosen = torch.cat([chosen, extra])
-            s1_hat, k_hat = self.blocks(s1, chosen), self.blocks(weight, chosen) / sigma
-            for _ in range(KAPPA_ITERS):
-                gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
-                shrunk = (1 - gamma) * s1_hat + gamma * k_hat
-                new, kappa = kappa, float(torch.linalg.svdvals(shrunk)[:, 0].max())
-                if abs(kappa - new) <= KAPPA_TOL * kappa:
-                    break
+            shrunk = (1 - gamma) * s1_hat + gamma * k_hat
+            new, kappa = kappa, float(_top_values(shrunk).max())
+            if abs(kappa - new) <= KAPPA_TOL * kappa:
+                break
         self._kappa = kappa
         best, u, v, _ = self.top_pair(shrunk)
         return {"target": float(((bm * kappa**2 - s1_sq).clamp_min(0.0)).sqrt()),
                 "g2": self.direction(weight, int(chosen[best]), u, v)}
-        return state
 
     def advance(self, weight: torch.Tensor) -> None:
         """An optimisation step's tracking of a new kernel: `power_iters` batched steps on half of the
         frequencies (p + q even and odd in turn; all of them after a refresh or a state-dict load),
-        then exact SVDs of the TRACKED frequencies with the largest estimates."""
+        then exact singular values of the candidate frequencies (see `state`)."""
+        previous = self._seen
         if self._estimates is None or self._estimates.device != weight.device:
             self.power_iteration(weight, INIT_ITERS)
         else:
             self._turn ^= 1
             self.power_iteration(weight, self.power_iters, self.halves(weight.device)[self._turn])
-        self._settle(weight)
+        fresh = previous is not None and _same_layout(previous, weight)
+        self._settle(weight, drift=self.drift(weight, previous) if fresh else None)
 
     def halves(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat frequency indices with p + q even, and with p + q odd."""
-        half = self.n // 2 + 1
-        index = torch.arange(self.freqs, device=device)
-        parity = (index // half + index % half) % 2
-        return index[parity == 0], index[parity == 1]
+        if self._halves is None or self._halves[0].device != device:
+            half = self.n // 2 + 1
+            index = torch.arange(self.freqs, device=device)
+            parity = (index // half + index % half) % 2
+            self._halves = (index[parity == 0], index[parity == 1])
+        return self._halves
 
-    def _settle(self, weight: torch.Tensor, estimates: torch.Tensor | None = None) -> None:
-        self._state = self.state(weight, self._estimates if estimates is None else estimates)
+    def _settle(self, weight: torch.Tensor, estimates: torch.Tensor | None = None,
+                drift: torch.Tensor | None = None) -> None:
+        self._state = self.state(weight, self._estimates if estimates is None else estimates, drift)
         u = torch.view_as_complex(self.u)
         u[:, self._state["best"]] = self._state["left"].to(u.dtype)  # the exact vector as a warm start
 
@@ -298,8 +344,7 @@ class ConvStableRankNorm(PowerIterationNorm):
         if self._exact is None or not _same(self._exact[0], weight):
             w = weight.detach()
             blocks = torch.fft.rfft2(w, s=(self.n, self.n)).permute(2, 3, 0, 1).reshape(self.freqs, *w.shape[:2])
-            tall = blocks if w.shape[0] >= w.shape[1] else blocks.mH
-            self._exact = (w.clone(), self.state(w, torch.linalg.svdvals(tall)[:, 0]))
+            self._exact = (w.clone(), self.state(w, _top_values(blocks)))
         return self._exact[1]
 
     def exact_vectors(self, weight: torch.Tensor) -> None:
