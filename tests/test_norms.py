@@ -283,7 +283,8 @@ def test_srn_sets_the_reshaped_stable_rank():
 
 
 # ---------------------------------------------------------------- autograd, caching, state
-@pytest.mark.parametrize("make", [lambda w: SpectralNorm(w, 1.3), lambda w: ConvStableRankNorm(w, 1.3, 1.0, n=6)])
+@pytest.mark.parametrize("make", [lambda w: SpectralNorm(w, 1.3), lambda w: ConvStableRankNorm(w, 1.3, 1.0, n=6),
+                                  lambda w: ConvStableRankNorm(w, 1.3, 0.3, n=6)])
 def test_gradient_of_the_normalisation_is_exact_for_fixed_u(make):
     torch.manual_seed(11)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64)

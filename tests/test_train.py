@@ -151,7 +151,7 @@ def test_load_from_checkpoint_without_hydra(compose, tmp_path):
     GlobalHydra.instance().clear()
     module = VideoRestorationModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
     assert isinstance(module.hparams.model, dict) and module.hparams.model["_target_"] == "recstab.models.build_model"
-    assert module.hparams.model["recurrence"] == "rlsp" and module.model.channels == 8
+    assert module.hparams.model["recurrence"]["name"] == "rlsp" and module.model.channels == 8
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
     x = torch.rand(1, 3, 3, 16, 16)

@@ -103,6 +103,8 @@ def model_spec(config: dict) -> dict:
     else:
         source, keys = config, list(ARCHITECTURE)
     spec = {f"model.{k}": source.get(k) for k in keys}
+    if isinstance(spec.get("model.recurrence"), dict):  # a connection config: its name identifies it
+        spec["model.recurrence"] = spec["model.recurrence"].get("name")
     norm = dict(source.get("norm") or {"kind": "none"})
     if norm.get("kind", "none") == "none":
         norm = {"kind": "none"}

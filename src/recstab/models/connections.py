@@ -28,7 +28,7 @@ Every connection takes ``window`` (the multi-frame input of appendix B: ``rlsp-m
 ``RLSP(window=3)``). The input window itself is kept by the model, not the connection.
 
 A new connection is one subclass here (or anywhere: Hydra's ``_target_`` finds it) and
-one config file ``conf/recurrence/<name>.yaml``; see the README.
+one config file ``conf/recurrence/<name>.yaml`` (``_target_``, ``name``, ``window``); see the README.
 """
 
 from __future__ import annotations
@@ -47,10 +47,15 @@ class TemporalConnection:
     recurrent = False
     bidirectional = False
 
-    def __init__(self, window: int = 1):
-        if int(window) != window or window < 1:
+    def __init__(self, window: int = 1, name: str | None = None):
+        """``name``: what a config file calls it (``conf/recurrence/<name>.yaml``); checked
+        against the class and window so that a config cannot mislabel a run."""
+        if isinstance(window, bool) or int(window) != window or window < 1:
             raise ValueError(f"window must be an integer >= 1 (number of input frames), got {window!r}")
         self.window = int(window)
+        if name is not None and name != self.recurrence:
+            raise ValueError(f"recurrence name {name!r} does not match {type(self).__name__}(window={window}), "
+                             f"which is {self.recurrence!r}: fix the name or the window in the config")
 
     @property
     def recurrence(self) -> str:

@@ -24,10 +24,10 @@ the exact spectrum costs one FFT and n² small SVDs instead of one SVD of a
 Zero padding (what the models use) is a different operator: it is the circular
 operator on a map of size n + k - 1 restricted to the n×n interior, so its norm
 is at most the circular one on that larger map; for n = 32–64 the two differ by
-well under 1 %. The *definition* used everywhere in recstab is the circular one.
+well under 1 %. The *definition* used everywhere in recstab is the circular one;
+a bound valid on every map size is `bound.conv_norm_bound`.
 
-Also here, because SRN-C's power iteration needs exactly the same operator:
-`conv_circular(x, K)` applies W(K), `conv_circular_t(y, K)` applies W(K)ᵀ
+Also here: `conv_circular(x, K)` applies W(K), `conv_circular_t(y, K)` applies W(K)ᵀ
 (a correlation with the flipped, channel-transposed kernel — the transposed
 convolution of the torus), and `spectral_norm_power` runs the power iteration
 with them.

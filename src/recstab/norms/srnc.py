@@ -24,11 +24,16 @@ is not), so SRN-C runs one power iteration per frequency, batched:
 - each optimisation step updates half of the frequencies (p + q even, then odd, in
   turn: every frequency every other step, and any peak of the response has fresh
   neighbours every step); a refresh, the constructor and a state-dict load sweep all;
-- the TRACKED frequencies with the largest s_f get their block K̂(f) by a direct
-  DFT (kh·kw taps) and exact singular values; the largest σ₁ among them is the
-  operator norm (exact whenever the true arg-max frequency is among them) and one
-  SVD of that block gives the pair (f*, u*, v*), K̂(f*)v* = σ u*, that defines the
-  normalisation below; u*, exact, is written back into u.
+- candidates: the TRACKED largest s_f of each half (estimates of one age are compared
+  with each other only), plus — the step's kernel change ΔK̂(f) bounds how far σ₁ can
+  move, and ‖ΔK̂(f)‖_F for all f costs one kh·kw × kh·kw Gram matrix of the taps'
+  change — up to TRACKED frequencies whose s_f + ‖ΔK̂(f)‖_F exceeds the largest σ₁
+  found (Adam moves taps coherently and lifts low frequencies faster than a power
+  iteration follows). Their blocks K̂(f) come from a direct DFT (kh·kw taps) and get
+  exact singular values; the largest σ₁ among them is the operator norm (exact
+  whenever the true arg-max frequency is a candidate) and one SVD of that block
+  gives the pair (f*, u*, v*), K̂(f*)v* = σ u*, that defines the normalisation
+  below; u*, exact, is written back into u.
 On a new kernel (every optimisation step) this runs BEFORE the weight is
 normalised, so the weight a step trains with is normalised with singular vectors
 of that very kernel, not of the previous one. No random part is added anywhere:
@@ -231,6 +236,19 @@ class ConvStableRankNorm(PowerIterationNorm):
         left, values, right_h = torch.linalg.svd(blocks[best].mH, full_matrices=False)  # K̂ᴴ = L S Rᴴ
         return best, right_h[0].conj(), left[:, 0], values[0]
 
+    def window(self, flat: int, device: torch.device) -> torch.Tensor:
+        """Flat indices of f = (p, q) and its 8 grid neighbours, mapped into the rfft2 half (f ~ −f)."""
+        half = self.n // 2 + 1
+        p, q = divmod(flat, half)
+        out = []
+        for dp in (-1, 0, 1):
+            for dq in (-1, 0, 1):
+                pp, qq = (p + dp) % self.n, (q + dq) % self.n
+                if qq >= half:
+                    pp, qq = (-pp) % self.n, (-qq) % self.n
+                out.append(pp * half + qq)
+        return torch.tensor(out, device=device)
+
     def drift(self, weight: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """‖K̂(f) − K̂_prev(f)‖_F for every frequency, from the kh·kw × kh·kw Gram matrix of the taps'
         change: Σ_{ab,a′b′} ⟨Δ_ab, Δ_a′b′⟩ e^{-iθ_ab} e^{+iθ_a′b′} (no block is formed)."""
@@ -293,8 +311,8 @@ class ConvStableRankNorm(PowerIterationNorm):
         kappa = self._kappa
         gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
         score = (1 - gamma) * c + gamma * k_values
-        score[index] = -1.0
-        chosen = torch.cat([index, score.topk(min(self.tracked, self.freqs - len(index))).indices])
+        chosen = torch.cat([self.window(int(index[0]), weight.device),
+                            score.topk(min(self.tracked + 1, self.freqs)).indices]).unique()
         s1_hat, k_hat = self.blocks(s1, chosen), self.blocks(weight, chosen) / sigma
         for _ in range(KAPPA_ITERS):
             gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
