@@ -15,7 +15,7 @@
 One intra-op thread for torch (the decode-ahead thread takes the second core); on a
 shared 2-core machine two intra-op threads make small convs ~100× slower. Reduced
 scale on CPU (paper: 64 channels, TRF 64 px × 500 iterations): see the settings
-printed with the results. Results go to ``benchmarks/results/diagnostics.md``.
+printed with the results. Results go to ``benchmarks/results/diagnostics.md`` (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ def time_to_verdict(name, model, trf_kw, video_frames):
                  f"the paper's 2e5 frames ≈ {2e5 / onsets.fps / 3600:.1f} h here")
     row = {"model": name, "bound": loop_certificate(model).bound, "trf": trf.verdict, "extent": trf.extent,
            "trf_s": trf.seconds, "trf_iters": trf.iterations, "early": trf.stopped_early,
-           "memory_at": f"{trf.growth_rate:+.3g} / {trf.future_rate:+.3g} per frame",
+           "rates": f"{trf.growth_rate:+.3g} / {trf.future_rate:+.3g} per frame",
            "video": video, "onsets": onsets.onsets[:5], "fps": onsets.fps}
     print(f"{name}: TRF {trf.verdict} (extent {trf.extent}) in {trf.seconds:.1f} s "
-          f"[{trf.iterations} it, early={trf.stopped_early}, influence / future rate {row['memory_at']}]; long video: {video}",
+          f"[{trf.iterations} it, early={trf.stopped_early}, influence / future rate {row['rates']}]; long video: {video}",
           flush=True)
     return row
 
@@ -83,6 +83,7 @@ def model_only_fps(model, frames: int, chunk: int = 16, sigma: float = 30.0) -> 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller settings (a smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"where the results table goes (default {RESULTS})")
     args = parser.parse_args()
     torch.set_num_threads(1)
     channels = 8 if args.quick else 16
@@ -117,7 +118,7 @@ def main():
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['bound']:.3g} | {r['trf']} ({r['extent']}) | {r['trf_s']:.1f} s "
-                     f"({r['trf_iters']} it{', stopped early' if r['early'] else ''}) | {r['memory_at']} | "
+                     f"({r['trf_iters']} it{', stopped early' if r['early'] else ''}) | {r['rates']} | "
                      f"{r['video']} |")
     lines += ["", "## Onset-test throughput (SRN-C α=0.5 model, no instability)", "",
               "| | fps | / model-only |", "|---|---|---|",
@@ -126,8 +127,8 @@ def main():
               f"| onset test, synchronous decoding | {sync.fps:.1f} | {sync.fps / reference:.2f} |", "",
               f"Decode + crop + noise cost {threaded.settings['decode_seconds'] / fps_frames * 1e3:.1f} ms/frame "
               f"(in the thread); the model {threaded.settings['model_seconds'] / fps_frames * 1e3:.1f} ms/frame.", ""]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -146,3 +146,71 @@ def _write_vimeo90k(root: Path, n_sequences: int = 3, size: tuple[int, int] = (9
 def write_vimeo90k():
     """``write_vimeo90k(root, n_sequences=3, size=(W, H), frames=7)``: a tiny Vimeo-90k septuplet tree."""
     return _write_vimeo90k
+
+
+def _write_video(path, frames: int = 6, height: int = 32, width: int = 48, level: int = 40,
+                 codec: str = "mpeg4", faststart: bool = False) -> Path:
+    """An mp4 whose frame i is flat grey `level + 10 i` with a white bar of width 2 i on the left."""
+    import av
+    import numpy as np
+
+    options = {"movflags": "faststart"} if faststart else {}
+    container = av.open(str(path), "w", options=options)
+    stream = container.add_stream(codec, rate=25)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.options = {"qscale": "2"} if codec == "mpeg4" else {}
+    for i in range(frames):
+        a = np.full((height, width, 3), (level + 10 * i) % 256, np.uint8)
+        a[:, :2 * i] = 255
+        for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_video():
+    """``write_video(path, frames=6, height=32, width=48, level=40, codec="mpeg4", faststart=False)`` -> path:
+    a tiny mp4 written with PyAV (the test is skipped without it)."""
+    pytest.importorskip("av")
+    return _write_video
+
+
+def _write_video_folder(folder, frames: tuple[int, int] = (5, 5), size: int = 32) -> Path:
+    """``folder`` holding a.mp4 (grey level 40) and b.mp4 (level 150), ``frames`` long, size×size; return it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, level in (("a.mp4", frames[0], 40), ("b.mp4", frames[1], 150)):
+        _write_video(folder / name, frames=n, height=size, width=size, level=level)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_video_folder(write_video):
+    """``write_video_folder(folder, frames=(5, 5), size=32)`` -> folder with two tiny mp4s, a.mp4 and b.mp4."""
+    return _write_video_folder
+
+
+def _vresnet_feat(channels: int = 16, seed: int = 0, conv_norm: float | None = None):
+    """Untrained He-init VResNet-feat; ``conv_norm``: rescale every conv to that operator norm (FFT, 32×32)."""
+    from torch import nn
+
+    from recstab.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("vresnet", "feat", "denoise", channels)
+    if conv_norm is not None:
+        from recstab.norms import spectral_norm_fft
+        with torch.no_grad():
+            for conv in model.modules():
+                if isinstance(conv, nn.Conv2d):
+                    conv.weight.mul_(conv_norm / spectral_norm_fft(conv.weight, 32))
+    return model
+
+
+@pytest.fixture(scope="session")
+def vresnet_feat():
+    """``vresnet_feat(channels=16, seed=0, conv_norm=None)`` -> an untrained VResNet-feat."""
+    return _vresnet_feat

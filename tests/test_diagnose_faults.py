@@ -19,16 +19,15 @@ from recstab.data.long_video import LongVideo, VideoDecodeError
 from recstab.diagnostics import engine, instability_onsets, stability_report
 from recstab.models import build_model
 
-av = pytest.importorskip("av")
-from test_long_video import write_video  # noqa: E402  (needs av)
+pytest.importorskip("av")  # the test videos are written with PyAV
 
 TRF = dict(frames=11, size=8, iters=2)
 LYAP = dict(frames=30, size=8, burn_in=5)
 
 
-def tiny(recurrence="feat", seed=0):
+def tiny(recurrence="feat", seed=0, init="he"):
     torch.manual_seed(seed)
-    return build_model("vresnet", recurrence, "denoise", 8)
+    return build_model("vresnet", recurrence, "denoise", 8, init=init)
 
 
 class Killed(RuntimeError):
@@ -78,15 +77,11 @@ class Breaks(nn.Module):
 
 
 @pytest.fixture
-def videos(tmp_path):
-    folder = tmp_path / "videos"
-    folder.mkdir()
-    write_video(folder / "a.mp4", frames=9, height=16, width=16)
-    write_video(folder / "b.mp4", frames=7, height=16, width=16, level=150)
-    return folder
+def videos(tmp_path, write_video_folder):
+    return write_video_folder(tmp_path / "videos", frames=(9, 7), size=16)
 
 
-def bad_files(folder):
+def bad_files(folder, write_video):
     (folder / "garbage.mp4").write_bytes(b"this is not a video\n" * 40)
     (folder / "empty.mp4").write_bytes(b"")
     t = write_video(folder / "truncated.mp4", frames=30, height=16, width=16)
@@ -99,28 +94,30 @@ def bad_files(folder):
 def test_onset_test_killed_mid_stream_resumes_to_the_same_onsets(tmp_path, videos):
     stream = LongVideo(videos, loop_to=200)
     kw = dict(sigma=30 / 255, chunk=8, progress_every=24, prefetch=2)
-    whole = instability_onsets(KillAfter(tiny()), stream, progress=tmp_path / "whole.pt", **kw)
-    assert whole.n_onsets >= 4 and whole.frames == 200  # He-init feat diverges again and again
+    model = lambda seed=0: KillAfter(tiny(seed=seed, init="near_identity"))  # noqa: E731
+    whole = instability_onsets(model(), stream, progress=tmp_path / "whole.pt", **kw)
+    # untrained feat breaks again and again, after a few frames of carried state
+    assert whole.n_onsets >= 10 and max(whole.onsets) >= 3 and whole.frames == 200
 
     progress = tmp_path / "progress.pt"
     with pytest.raises(Killed):
-        instability_onsets(KillAfter(tiny(), after=130), stream, progress=progress, **kw)
+        instability_onsets(KillAfter(tiny(init="near_identity"), after=130), stream, progress=progress, **kw)
     saved = torch.load(progress, weights_only=True)
     assert 24 <= saved["frames"] <= 130 and not saved["complete"]
     assert 0 < len(saved["onsets"]) < whole.n_onsets  # onsets on both sides of the kill
 
-    resumed = instability_onsets(KillAfter(tiny()), stream, progress=progress, resume=True, **kw)
+    resumed = instability_onsets(model(), stream, progress=progress, resume=True, **kw)
     assert resumed.resumed_from == saved["frames"]
     assert resumed.onsets == whole.onsets and resumed.unstable_frames == whole.unstable_frames
     assert resumed.divergent == whole.divergent and resumed.frames == 200
     assert np.array_equal(resumed.psnr, whole.psnr, equal_nan=True)
     # a finished run resumes to itself; another model or other settings are refused, naming what differs
-    again = instability_onsets(KillAfter(tiny()), stream, progress=progress, resume=True, **kw)
+    again = instability_onsets(model(), stream, progress=progress, resume=True, **kw)
     assert again.onsets == whole.onsets
     with pytest.raises(ValueError, match="model"):
-        instability_onsets(KillAfter(tiny(seed=1)), stream, progress=progress, resume=True, **kw)
+        instability_onsets(model(seed=1), stream, progress=progress, resume=True, **kw)
     with pytest.raises(ValueError, match="seed"):
-        instability_onsets(KillAfter(tiny()), stream, progress=progress, resume=True, **{**kw, "seed": 3})
+        instability_onsets(model(), stream, progress=progress, resume=True, **{**kw, "seed": 3})
 
 
 @pytest.mark.slow
@@ -172,8 +169,8 @@ def test_diagnose_killed_with_sigkill_and_resumed(tmp_path, repo_root, videos):
 
 
 # ---------------------------------------------------------------------------------- unreadable files
-def test_bad_files_in_a_folder_are_skipped_and_listed(tmp_path, videos):
-    names = bad_files(videos)
+def test_bad_files_in_a_folder_are_skipped_and_listed(tmp_path, videos, write_video):
+    names = bad_files(videos, write_video)
     stream = LongVideo(videos, skip_bad=True)
     with pytest.warns(RuntimeWarning) as caught:
         report = stability_report(tiny(), tmp_path / "r", clean_frames=stream, trf_kwargs=TRF,
@@ -190,10 +187,10 @@ def test_bad_files_in_a_folder_are_skipped_and_listed(tmp_path, videos):
     assert all(v["status"] == "done" for v in data["sections"].values())
 
 
-def test_no_readable_video_fails_before_the_trf_naming_every_file(tmp_path):
+def test_no_readable_video_fails_before_the_trf_naming_every_file(tmp_path, write_video):
     folder = tmp_path / "bad"
     folder.mkdir()
-    names = bad_files(folder)
+    names = bad_files(folder, write_video)
     calls = []
     with pytest.raises(VideoDecodeError) as error:
         with warnings.catch_warnings():

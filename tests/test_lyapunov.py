@@ -11,52 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recstab.diagnostics import lyapunov_exponent, temporal_receptive_field
+from recstab.diagnostics import loop_certificate, lyapunov_exponent, temporal_receptive_field
 from recstab.diagnostics.lyapunov import jvp
 from recstab.diagnostics.onsets import BurstProcessor
 from recstab.models import build_model
-
-
-class LinearRecurrence(nn.Module):
-    """h_t = a·h_{t-1} + b·x_t pixel-wise: J = a·I, λ₁ = log a."""
-
-    def __init__(self, a: float, b: float = 1.0):
-        super().__init__()
-        self.a, self.b, self.in_channels = a, b, 3
-        self.gain = nn.Parameter(torch.ones(()))
-
-    def process(self, x, state=None):
-        h = torch.zeros_like(x[:, 0]) if state is None else state
-        ys = []
-        for t in range(x.shape[1]):
-            h = self.a * h + self.b * self.gain * x[:, t]
-            ys.append(h)
-        return torch.stack(ys, 1), h
-
-    def forward(self, x):
-        return self.process(x)[0]
-
-
-class Linear2D(nn.Module):
-    """h_t = A h_{t-1} + x_t for a 2-vector per pixel; the state also carries a frame counter."""
-
-    in_channels = 1
-
-    def __init__(self, A):
-        super().__init__()
-        self.register_buffer("A", torch.as_tensor(A, dtype=torch.float64))
-
-    def process(self, x, state=None):
-        b, _, _, hh, ww = x.shape
-        state = {"h": x.new_zeros(b, 2, hh, ww), "count": 0} if state is None else state
-        h, ys = state["h"], []
-        for t in range(x.shape[1]):
-            h = torch.einsum("ij,bjhw->bihw", self.A.to(x.dtype), h) + x[:, t]
-            ys.append(h[:, :1])
-        return torch.stack(ys, 1), {"h": h, "count": state["count"] + x.shape[1]}
-
-    def forward(self, x):
-        return self.process(x)[0]
+from recstab.models.reference import LinearRecurrence, LinearStateModel
 
 
 class InputGain(nn.Module):
@@ -81,18 +40,6 @@ def clip(t=200, size=8, channels=3, seed=0, batch=1):
     return torch.rand(batch, t, channels, size, size, generator=g)
 
 
-def vresnet_feat(channels=16, seed=0, conv_norm=None):
-    torch.manual_seed(seed)
-    model = build_model("vresnet", "feat", "denoise", channels)
-    if conv_norm is not None:
-        from recstab.norms import spectral_norm_fft
-        with torch.no_grad():
-            for conv in model.modules():
-                if isinstance(conv, nn.Conv2d):
-                    conv.weight.mul_(conv_norm / spectral_norm_fft(conv.weight, 32))
-    return model
-
-
 # ---------------------------------------------------------------------------------- closed forms
 @pytest.mark.parametrize("a", [0.5, 0.9, 1.05])
 def test_linear_recurrence_has_log_a(a):
@@ -109,7 +56,7 @@ def test_linear_recurrence_has_log_a(a):
 
 def test_non_normal_2d_state_has_the_log_spectral_radius():
     A = np.array([[0.8, 3.0], [0.0, 0.6]])  # ‖A‖₂ ≈ 3.2 > 1, yet ρ(A) = 0.8: contractive in the long run
-    le = lyapunov_exponent(Linear2D(A), clip(300, size=4, channels=1))
+    le = lyapunov_exponent(LinearStateModel(A), clip(300, size=4, channels=1))
     expected = math.log(max(abs(np.linalg.eigvals(A))))
     assert np.linalg.norm(A, 2) > 3 and abs(le.exponent - expected) < 0.02 * abs(expected)
 
@@ -117,7 +64,7 @@ def test_non_normal_2d_state_has_the_log_spectral_radius():
 def test_complex_eigenvalues_expanding_2d_state():
     A = np.array([[0.9, 2.0], [-0.3, 0.7]])  # eigenvalues 0.8 ± 0.768i, |λ| = √1.23 ≈ 1.109
     frames = clip(1500, size=1, channels=1).double()  # float64: the state grows like 1.109^t
-    le = lyapunov_exponent(Linear2D(A), frames)
+    le = lyapunov_exponent(LinearStateModel(A), frames)
     expected = math.log(max(abs(np.linalg.eigvals(A))))
     assert abs(le.exponent - expected) < 0.02 * abs(expected)
 
@@ -144,7 +91,7 @@ def test_positive_ranges_find_the_unstable_stretch():
 
 
 # ---------------------------------------------------------------------------------- real models
-def test_untrained_vresnet_feat_is_chaotic_and_at_half_norm_contractive():
+def test_untrained_vresnet_feat_is_chaotic_and_at_half_norm_contractive(vresnet_feat):
     frames = clip(100, size=16, seed=1)
     he = lyapunov_exponent(vresnet_feat(16), frames, burn_in=30)
     half = lyapunov_exponent(vresnet_feat(16, conv_norm=0.5), frames, burn_in=30)
@@ -153,7 +100,7 @@ def test_untrained_vresnet_feat_is_chaotic_and_at_half_norm_contractive():
     assert he.positive_ranges and he.positive_ranges[-1][1] == 100
 
 
-def test_chunked_stream_gives_the_same_exponent():
+def test_chunked_stream_gives_the_same_exponent(vresnet_feat):
     model = vresnet_feat(8)
     frames = clip(60, size=16, seed=2)
     whole = lyapunov_exponent(model, frames, burn_in=10, sigma=20 / 255)
@@ -165,6 +112,23 @@ def test_chunked_stream_gives_the_same_exponent():
     assert whole.exponent == chunked.exponent
     clean = lyapunov_exponent(model, frames, burn_in=10)
     assert not np.array_equal(clean.per_frame, whole.per_frame)  # the noise is there
+
+
+@pytest.mark.parametrize("a, dampening", [(0.5, 1.0), (-0.9, 1.0), (1.5, 1.0), (1.5, 0.5)])
+def test_reference_certificates_bound_the_measured_growth(a, dampening):
+    model = LinearRecurrence(a)
+    model.dampening = dampening
+    cert = loop_certificate(model)
+    le = lyapunov_exponent(model, clip(80, size=2), burn_in=10)
+    assert cert.bound == pytest.approx(abs(a) * dampening) and cert.certified == (abs(a) * dampening < 1)
+    assert le.exponent == pytest.approx(math.log(abs(a) * dampening), rel=1e-3)  # exact: the map is linear
+    assert math.log(cert.bound) >= le.exponent - 1e-4
+    A = np.array([[0.8, 3.0], [0.0, 0.6]])  # non-normal: the one-step bound ‖A‖₂ far above e^λ₁ = ρ(A)
+    state_model = LinearStateModel(A)
+    state_model.dampening = dampening
+    bound = loop_certificate(state_model).bound
+    assert bound == pytest.approx(dampening * np.linalg.norm(A, 2), rel=1e-6)
+    assert math.log(bound) > lyapunov_exponent(state_model, clip(120, size=2, channels=1)).exponent
 
 
 def test_along_the_trf_sequence():

@@ -1,28 +1,16 @@
 """hydra/launcher=ray_gpu: one GPU per job, Ray sets each job's CUDA_VISIBLE_DEVICES (tested with fake GPUs)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def launcher_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=["hydra/launcher=ray_gpu", *overrides], return_hydra_config=True).hydra.launcher
-
-
-def test_ray_gpu_asks_one_gpu_per_job_and_can_join_a_cluster():
-    cfg = launcher_cfg()
+def test_ray_gpu_asks_one_gpu_per_job_and_can_join_a_cluster(compose):
+    cfg = compose("train", ["hydra/launcher=ray_gpu"]).hydra.launcher
     assert cfg._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
     assert cfg.ray.remote.num_gpus == 1 and cfg.ray.remote.max_calls == 1
-    cfg = launcher_cfg("hydra.launcher.ray.init.address=auto")
+    cfg = compose("train", ["hydra/launcher=ray_gpu", "hydra.launcher.ray.init.address=auto"]).hydra.launcher
     init = dict(cfg.ray.init)
     init.setdefault("object_store_memory", 78643200)  # what the plugin does before ray.init(**init)
     # Ray refuses num_cpus/num_gpus/object_store_memory when joining a running cluster: all must stay None
@@ -30,18 +18,16 @@ def test_ray_gpu_asks_one_gpu_per_job_and_can_join_a_cluster():
 
 
 @pytest.mark.slow
-def test_local_ray_hands_each_job_its_own_gpu(tmp_path):
+def test_local_ray_hands_each_job_its_own_gpu(tmp_path, run_script):
     pytest.importorskip("ray")
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2  # fake GPUs on a CPU machine
     out = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "sweep=table8", "debug=smoke",
-           "hydra/launcher=ray_gpu", f"hydra.launcher.ray.init.num_gpus={gpus}",
-           "+hydra.launcher.ray.init.num_cpus=2", f"hydra.sweep.dir={out}",
-           "callbacks.measure.trf=null", "callbacks.measure.onsets=null", "callbacks.measure.spectra_n=null",
-           f"trainer.accelerator={'auto' if torch.cuda.is_available() else 'cpu'}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    args = ["-m", "sweep=table8", "debug=smoke", "hydra/launcher=ray_gpu", f"hydra.launcher.ray.init.num_gpus={gpus}",
+            "+hydra.launcher.ray.init.num_cpus=2", f"hydra.sweep.dir={out}",
+            "callbacks.measure.trf=null", "callbacks.measure.onsets=null", "callbacks.measure.spectra_n=null",
+            f"trainer.accelerator={'auto' if torch.cuda.is_available() else 'cpu'}"]
+    result = run_script("train.py", args, tmp_path, env={"RAY_USAGE_STATS_ENABLED": "0"}, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     devices = [json.loads(p.read_text()) for p in sorted(out.glob("*/device.json"))]
     assert len(devices) == 4 and len(list(out.glob("*/metrics.json"))) == 4

@@ -12,26 +12,7 @@ from torch import nn
 
 from recstab.diagnostics import temporal_receptive_field
 from recstab.models import build_model
-
-
-class LinearRecurrence(nn.Module):
-    """h_t = a·h_{t-1} + b·x_t, y_t = h_t, pixel-wise: a known contraction (|a| < 1) or expansion."""
-
-    def __init__(self, a: float, b: float = 0.2):
-        super().__init__()
-        self.a, self.b, self.in_channels = a, b, 3
-        self.gain = nn.Parameter(torch.ones(()))  # a parameter the TRF must leave alone
-
-    def process(self, x, state=None):
-        h = torch.zeros_like(x[:, 0]) if state is None else state
-        ys = []
-        for t in range(x.shape[1]):
-            h = self.a * h + self.b * self.gain * x[:, t]
-            ys.append(h)
-        return torch.stack(ys, 1), h
-
-    def forward(self, x):
-        return self.process(x)[0]
+from recstab.models.reference import LinearRecurrence
 
 
 class NanAfter(nn.Module):
@@ -60,22 +41,9 @@ class Scaled(nn.Module):
         return self.c * self.model(x)
 
 
-def vresnet_feat(channels=16, seed=0, conv_norm=None):
-    """Untrained He-init VResNet-feat; conv_norm: rescale every conv to that operator norm."""
-    torch.manual_seed(seed)
-    model = build_model("vresnet", "feat", "denoise", channels)
-    if conv_norm is not None:
-        from recstab.norms import spectral_norm_fft
-        with torch.no_grad():
-            for conv in model.modules():
-                if isinstance(conv, nn.Conv2d):
-                    conv.weight.mul_(conv_norm / spectral_norm_fft(conv.weight, 32))
-    return model
-
-
 # ---------------------------------------------------------------------------------- linear recurrences
 def test_contraction_is_bounded_with_the_predicted_extent_and_rates():
-    model = LinearRecurrence(0.5)
+    model = LinearRecurrence(0.5, b=0.2)
     model.train()
     trf = temporal_receptive_field(model, frames=81, size=8, iters=10)
     assert trf.verdict == "bounded" and not trf.stopped_early and trf.iterations == 10
@@ -116,11 +84,11 @@ def test_expanding_recurrences_are_unbounded_and_stop_early(a, b):
 
 
 def test_slow_decay_fills_the_window_and_is_resolved_or_inconclusive():
-    resolved = temporal_receptive_field(LinearRecurrence(0.95), frames=81, size=4, iters=3)
+    resolved = temporal_receptive_field(LinearRecurrence(0.95, b=0.2), frames=81, size=4, iters=3)
     assert resolved.verdict == "bounded" and resolved.extent == 41
     assert "lag ≈ 135" in resolved.reason  # ln(1e-6) / (2 ln 0.95) = 134.7
     for a in (0.999, 1.0):  # a decay of 0.1 %/frame cannot be told from none in 40 frames
-        trf = temporal_receptive_field(LinearRecurrence(a), frames=81, size=4, iters=3)
+        trf = temporal_receptive_field(LinearRecurrence(a, b=0.2), frames=81, size=4, iters=3)
         assert trf.verdict == "inconclusive" and "too slow" in trf.reason, trf.reason
         assert abs(trf.growth_rate - math.log(a)) < 1e-6
 
@@ -132,7 +100,7 @@ def test_non_finite_output_is_unbounded_at_once():
 
 
 # ---------------------------------------------------------------------------------- VResNet-feat
-def test_untrained_vresnet_feat_is_unbounded_and_at_half_norm_bounded(tmp_path):
+def test_untrained_vresnet_feat_is_unbounded_and_at_half_norm_bounded(tmp_path, vresnet_feat):
     he = temporal_receptive_field(vresnet_feat(16), frames=41, size=16, iters=20)
     assert he.verdict == "unbounded" and he.stopped_early and he.iterations == 1
     assert he.growth_rate > 0.1 and he.future_rate > 0.1 and he.extent == 21
@@ -145,7 +113,7 @@ def test_untrained_vresnet_feat_is_unbounded_and_at_half_norm_bounded(tmp_path):
     assert half.to_dict()["growth_rate"] == half.growth_rate
 
 
-def test_output_scale_changes_nothing():
+def test_output_scale_changes_nothing(vresnet_feat):
     model = vresnet_feat(8, conv_norm=0.5)
     base = temporal_receptive_field(model, frames=21, size=8, iters=1)  # the same X: exact invariance
     big = temporal_receptive_field(Scaled(model, 1e7), frames=21, size=8, iters=1)

@@ -299,7 +299,7 @@ def decide(cert=None, trf_result=None, onset_result=None, lyap=None, *, measured
         bad = onset_result.n_onsets - sum(onset_result.divergent)
         if bad:
             notes.append(f"{bad} frame(s) with PSNR < 0 dB that are not feedback divergences (bad outputs; "
-                         "the same frame from the initial state fails too, or the output stays below 1e6)")
+                         "the same frame from the initial state fails too, or the output stays within 10⁶× of it)")
         if onset_result.input_nonfinite_frames:
             notes.append(f"{len(onset_result.input_nonfinite_frames)} input frame(s) hold NaN/Inf (an "
                          "instability of the input, not of the model): state reset, not counted as onsets")

@@ -1,6 +1,6 @@
 """Stability diagnostics during training, measured by :mod:`recstab.diagnostics.engine`.
 
-- :class:`StabilityMonitor` (also importable as ``TRFMonitor``): every ``every_n_val_epochs``
+- :class:`StabilityMonitor`: every ``every_n_val_epochs``
   validation epochs, on ``pl_module.model``: the loop certificate L̂, the TRF stress test,
   and the largest Lyapunov exponent λ₁ on the first frames of a long video (degraded as in
   the onset test); logs ``stability/verdict_code``, ``stability/bound``,
@@ -168,9 +168,6 @@ class StabilityMonitor(L.Callback):
         self.val_epochs = state_dict.get("val_epochs", 0)
         self.history = [tuple(h) for h in state_dict.get("history", [])]
         self.last = dict(state_dict.get("last", {}))
-
-
-TRFMonitor = StabilityMonitor  # the callback's earlier name, kept for existing configs
 
 
 class OnsetTest(L.Callback):

@@ -91,10 +91,10 @@ def draw_trajectories(runs: dict[str, str | Path], path: str | Path, title: str 
             ax.plot(steps, values, marker="o", ms=3, label=label)
         if reference is not None:
             ax.axhline(reference, color="k", lw=0.8, ls="--")
+        ax.set_yscale(scale)  # before the verdict ticks: setting a scale resets the tick labels
         if key == "stability/verdict_code":
             ax.set_yticks(range(len(VERDICT_LABELS)), VERDICT_LABELS, fontsize=8)
             ax.set_ylim(-0.3, len(VERDICT_LABELS) - 0.7)
-        ax.set_yscale(scale)
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
