@@ -24,6 +24,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from recstab.models.interface import traits
+
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 log = logging.getLogger("diagnose")
 
@@ -103,7 +105,7 @@ def run_report(cfg: DictConfig, out_dir: Path, run=None):
         log.info("resuming the report in %s", out_dir)
     report = stability_report(
         model, out_dir, clean_frames=frames, name=cfg.name, sigma=float(cfg.task.sigma) / 255,
-        task=getattr(model, "task", cfg.task.name), trf_kwargs=OmegaConf.to_container(cfg.trf, resolve=True),
+        task=traits(model).task, trf_kwargs=OmegaConf.to_container(cfg.trf, resolve=True),
         onset_kwargs=onset_kwargs, lyapunov_kwargs=lyapunov, spectra_n=int(cfg.spectra_n),
         burst=cfg.get("burst"), overlap=int(cfg.get("overlap") or 0), dampening=cfg.get("dampening"),
         resume=bool(cfg.get("resume")), run=run)

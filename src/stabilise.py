@@ -29,16 +29,17 @@ not certified), each writing a new checkpoint and a before/after report (``repor
     old one with the module's evaluation dampening set to λ (``module.hparams.dampening``).
 
 (b) SRN-C fine-tuning (section 2.4). Build the LightningModule from the checkpoint's
-    hyperparameters with the norm replaced (e.g. SRN-C α=1 β=1, the Hard Lipschitz
-    constraint, or α=2 β=0.1, the Soft one), load the trained kernels as the raw
+    hyperparameters with the norm replaced (default SRN-C α=0.9 β=1 on the loop's convs, the
+    Hard Lipschitz constraint, which certifies; or α=2 β=0.1, the Soft one), load the trained kernels as the raw
     (pre-normalisation) weights, re-converge the power vectors (``recstab.norms.refresh``:
     loaded plain weights leave them stale) and train K more steps on the same data.
 
 λ₁ is the largest Lyapunov exponent of the state map (``recstab.diagnostics.lyapunov``:
 Benettin's method with Jacobian-vector products, natural log per frame) on noisy frames of
 the bundled real videos; L̂ is ``model.loop_certificate()``, proven for every frame size.
-The verdict follows the stability report: "certified stable" (L̂ < 1), "proven unstable"
-(the TRF stress test diverged), else "empirically stable".
+The verdict is ``recstab.diagnostics.engine.decide`` on them: "certified stable" (L̂ < 1),
+"proven unstable" (the TRF stress test diverged), "empirically stable" (no divergence and
+λ₁ < 0), else "inconclusive".
 """
 
 from __future__ import annotations
@@ -62,30 +63,11 @@ SELECT = ("auto", "certified", "empirical")
 
 
 # ----------------------------------------------------------------------------------- measurements
-def grid_upper_bound(weight, n: int = 64) -> float:
-    """Upper bound of a conv's norm on every frame size: the n-grid FFT maximum × sec²(π(k−1)/(2n)).
-
-    The circular spectrum samples the frequency response on an n×n grid; its maximum is within
-    that factor of the supremum, from below (used when ``recstab.norms.conv_norm_bound`` is absent).
-    """
-    import torch
-
-    from recstab.norms import spectral_norm_fft
-
-    k = max(weight.shape[-2:])
-    with torch.no_grad():
-        grid = spectral_norm_fft(weight.detach().double().cpu(), n)
-    return grid / math.cos(math.pi * (k - 1) / (2 * n)) ** 2
-
-
 def loop_certificate(model):
-    """The model's loop certificate at its current dampening λ (``recstab.diagnostics.engine``); where
-    ``recstab.norms.conv_norm_bound`` is not available, with :func:`grid_upper_bound` per conv."""
+    """The model's loop certificate at its current dampening λ (``recstab.diagnostics.engine``: per-conv
+    factors from ``recstab.norms.conv_norm_bound``, valid on every frame size)."""
     from recstab.diagnostics import engine
-    try:
-        return engine.certificate(model)
-    except ImportError:
-        return model.loop_certificate(grid_upper_bound)
+    return engine.certificate(model)
 
 
 def certificate(model) -> tuple[float, str]:

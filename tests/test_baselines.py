@@ -3,9 +3,9 @@
 import importlib.util
 import math
 
+import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from recstab.models import build_model, count_parameters
 from recstab.models.baselines import BASELINES, FastDVDnet
@@ -135,12 +135,12 @@ def test_bad_task_and_input(name):
 
 
 @pytest.mark.parametrize("name", list(BASELINES))
-def test_model_configs(repo_root, name):
-    cfg = OmegaConf.load(repo_root / "conf" / "model" / f"{name}.yaml")
-    assert cfg.backbone == name
-    model = build_model(cfg.backbone, task="denoise", channels=cfg.channels,
-                        in_channels=cfg.in_channels, depth=cfg.depth)
-    assert isinstance(model, BASELINES[name])
+def test_model_configs(compose, name):
+    """`model=<baseline>` composes into a build_model config that instantiates the baseline."""
+    cfg = compose("train", [f"model={name}"])
+    assert cfg.model.backbone == name and cfg.model._target_ == "recstab.models.build_model"
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert isinstance(model, BASELINES[name]) and model.in_channels == cfg.model.in_channels
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bm3d") is None,

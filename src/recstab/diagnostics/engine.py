@@ -60,6 +60,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from recstab.models.interface import traits
+
 VERDICTS = ("certified stable", "empirically stable", "inconclusive", "proven unstable")
 TRF_VERDICTS = ("bounded", "inconclusive", "unbounded")
 
@@ -198,8 +200,8 @@ def lyapunov_input(model: nn.Module, clean_frames=None, frames: int = 200, *, si
 
     if frames < 2:
         raise ValueError(f"the Lyapunov clip needs >= 2 frames, got {frames}")
-    channels = int(getattr(model, "in_channels", 3))
-    task = task or getattr(model, "task", "denoise")
+    channels = traits(model).in_channels
+    task = task or traits(model).task
     degrade = Degradation(task, sigma * 255.0)
     clean = None
     if clean_frames is not None and iter(clean_frames) is not clean_frames:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.utils import parametrize
+from recstab.models.interface import traits
 
 BLOWUP = 1e6  # RMS(y_t) above this counts as diverged (inputs and sane outputs are ~[0, 1])
 
@@ -60,11 +61,11 @@ def random_frames(frames: int, channels: int, size: int, seed: int, start: int =
 def output_norms(model, frames: int, size: int, seed: int = 0, chunk: int = 10,
                  blowup: float = BLOWUP) -> tuple[np.ndarray, int | None]:
     """RMS(y_t) of `model` on the random input, and the first frame that diverged (or None)."""
-    channels = int(getattr(model, "in_channels", 3))
+    channels = traits(model).in_channels
     rms = np.full(frames, np.nan)
     model.eval()
     with torch.no_grad(), parametrize.cached():
-        if not getattr(model, "streamable", True) or not callable(getattr(model, "process", None)):
+        if not traits(model).streamable:
             y = model(random_frames(frames, channels, size, seed)[None])[0]
             rms[:] = y.double().pow(2).flatten(1).mean(1).sqrt().numpy()
         else:

@@ -77,6 +77,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from recstab.data.degradations import make_generator
 from recstab.models.dampening import evaluating
+from recstab.models.interface import traits
 
 BURN_IN = 50   # growths discarded while δ aligns with the most expanding direction
 BATCHES = 10   # batch means for the standard error
@@ -230,20 +231,20 @@ def lyapunov_exponent(model: nn.Module, frames, *, burn_in: int = BURN_IN, sigma
         raise ValueError(f"batches must be >= 2 for a batch-means standard error, got {batches}")
     if window < 1:
         raise ValueError(f"window must be >= 1 frame, got {window}")
-    if not callable(getattr(model, "process", None)) or not getattr(model, "streamable", True):
+    if not traits(model).streamable:
         raise ValueError(f"{type(model).__name__} cannot stream with process(x, state): the Lyapunov "
                          "exponent follows the recurrence frame by frame")
     settings = dict(burn_in=int(burn_in), sigma=sigma, seed=int(seed), max_frames=max_frames,
                     batches=int(batches), window=int(window), dampening=dampening)
     burn_in = int(burn_in)
-    if getattr(model, "is_recurrent", True) is False:
+    if not traits(model).is_recurrent:
         return LyapunovResult(-math.inf, 0.0, burn_in, 0, np.zeros(0), [], window=window, settings=settings,
                               note="model.is_recurrent is False: no recurrent state, perturbations "
                                    "leave with the input window (finite memory)")
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
-    in_channels = getattr(model, "in_channels", None)
+    in_channels = traits(model).in_channels
 
     growth: list[float] = []
     note, state, delta, batch = "", None, None, None

@@ -78,6 +78,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from recstab.models.dampening import evaluating
+from recstab.models.interface import traits
 
 DIVERGENCE_RATIO = 1e6  # max |y| with the carried state over max |y| from the initial state: a divergence
 
@@ -107,7 +108,7 @@ class BurstProcessor(nn.Module):
             raise ValueError(f"burst must be >= 1 frame, got {burst}")
         if not 0 <= overlap < burst:
             raise ValueError(f"overlap must be in [0, burst) = [0, {burst}), got {overlap}")
-        if not callable(getattr(model, "process", None)) or not getattr(model, "streamable", True):
+        if not traits(model).streamable:
             raise ValueError(f"burst processing needs a streamable model with process(x, state); "
                              f"{type(model).__name__} is not")
         self.model = model
@@ -115,9 +116,9 @@ class BurstProcessor(nn.Module):
         self.stride = burst - overlap
         self.runners = math.ceil(burst / self.stride)
         self.period = self.runners * self.stride  # each runner restarts every `period` frames
-        self.in_channels = getattr(model, "in_channels", 3)
-        self.scale = getattr(model, "scale", 1)
-        self.task = getattr(model, "task", "denoise")
+        self.in_channels = traits(model).in_channels
+        self.scale = traits(model).scale
+        self.task = traits(model).task
         self.streamable = True
 
     @property
@@ -475,7 +476,7 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
         raise ValueError(f"progress_every must be >= 1 frame, got {progress_every}")
     if resume and progress is None:
         raise ValueError("resume=True needs progress=<file> to resume from")
-    task = task or getattr(model, "task", "denoise")
+    task = task or traits(model).task
     degrade = Degradation(task, sigma * 255.0)
     runner = model
     if burst is not None:
@@ -485,14 +486,14 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
     elif not callable(getattr(model, "process", None)):
         raise ValueError(f"{type(model).__name__} has no process(x, state) to stream with; "
                          "pass burst=<frames> to run it burst by burst instead")
-    elif not getattr(model, "streamable", True):
+    elif not traits(model).streamable:
         raise ValueError(f"{type(model).__name__} is not streamable (bidirectional): the onset test "
                          "streams frames and needs a causal model with process(x, state)")
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
-    in_channels = int(getattr(model, "in_channels", 3))
-    used_dampening = getattr(model, "dampening", None) if dampening is None else float(dampening)
+    in_channels = traits(model).in_channels
+    used_dampening = traits(model).dampening if dampening is None else float(dampening)
     settings = {"sigma": sigma, "task": task, "chunk": chunk, "seed": seed, "burst": burst,
                 "overlap": overlap, "dampening": used_dampening, "prefetch": prefetch}
     progress = None if progress is None else Path(progress)

@@ -54,6 +54,7 @@ from recstab.diagnostics.engine import VERDICTS, ConvSpectra, conv_spectra
 from recstab.diagnostics.onsets import BurstProcessor, OnsetResult
 from recstab.diagnostics.trf import TRFResult
 from recstab.models.dampening import evaluating
+from recstab.models.interface import traits
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,10 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
     trf_kwargs, onset_kwargs = dict(trf_kwargs or {}), dict(onset_kwargs or {})
     lyapunov_kwargs = dict(lyapunov_kwargs or {})
     lyap_frames, lyap_size = int(lyapunov_kwargs.pop("frames", 200)), lyapunov_kwargs.pop("size", 64)
-    task = task or getattr(model, "task", None)
+    task = task or traits(model).task
     report = StabilityReport(name=name or type(model).__name__)
     report.settings = {"sigma": sigma, "task": task, "spectra_n": spectra_n, "burst": burst, "overlap": overlap,
-                       "dampening": getattr(model, "dampening", None) if dampening is None else dampening,
+                       "dampening": traits(model).dampening if dampening is None else dampening,
                        "trf": trf_kwargs, "onsets": onset_kwargs,
                        "lyapunov": {"frames": lyap_frames, "size": lyap_size, **lyapunov_kwargs}}
     report.files = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
@@ -217,7 +218,7 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
                 return "skipped: lyapunov.frames = 0"
             if burst is not None:
                 return "skipped: burst-by-burst processing resets the state (finite memory)"
-            if not getattr(model, "streamable", True):
+            if not traits(model).streamable:
                 return "skipped: the model is bidirectional (no forward recurrence to measure)"
             seed = int(onset_kwargs.get("seed", 0))
             clip = engine.lyapunov_input(model, clean_frames, lyap_frames, sigma=sigma, task=task, seed=seed,
@@ -228,7 +229,7 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
         def onsets():
             if clean_frames is None:
                 return "skipped: no clean frames given"
-            if burst is None and not getattr(model, "streamable", True):
+            if burst is None and not traits(model).streamable:
                 return "skipped: the model is bidirectional (not streamable); use burst="
             try:
                 report.onsets = engine.onsets(model, clean_frames, sigma, task=task, burst=burst, overlap=overlap,

@@ -83,6 +83,7 @@ from torch.nn.utils import parametrize
 
 from recstab.diagnostics.lyapunov import jvp
 from recstab.models.dampening import evaluating
+from recstab.models.interface import traits
 
 THRESHOLD = 1e-6    # relative gradient energy below which a past frame has no influence on p
 GROWTH_TOL = 0.01   # per frame: a log-rate r ± s grows when r - 2s > GROWTH_TOL, decays when r + 2s < -GROWTH_TOL
@@ -237,7 +238,7 @@ def log_rate(values: np.ndarray, positions: np.ndarray) -> tuple[float, float]:
 def _in_channels(model: nn.Module, channels: int | None) -> int:
     if channels is not None:
         return channels
-    return int(getattr(model, "in_channels", 3))
+    return traits(model).in_channels
 
 
 def _future_response(model: nn.Module, x: torch.Tensor, v: torch.Tensor) -> np.ndarray:

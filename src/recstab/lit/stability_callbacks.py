@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from recstab.diagnostics import engine
 from recstab.models.dampening import evaluating
+from recstab.models.interface import traits
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class StabilityMonitor(L.Callback):
         if self._clip is None:
             from recstab.data.long_video import LongVideo
             kw = dict(self.lyapunov_kwargs)
-            video = LongVideo(**dict(kw.get("long_video") or {}), gray=int(getattr(model, "in_channels", 3)) == 1)
+            video = LongVideo(**dict(kw.get("long_video") or {}), gray=traits(model).in_channels == 1)
             self._clip = engine.lyapunov_input(model, video, int(kw["frames"]), sigma=float(kw["sigma"]) / 255,
                                                size=kw["size"])
         return self._clip
@@ -126,7 +127,7 @@ class StabilityMonitor(L.Callback):
                 log.warning("loop certificate failed at step %d: %s", step, error)
             trf = engine.trf(model, **self.trf_kwargs)
             extra = {k: v for k, v in self.lyapunov_kwargs.items() if k not in ("frames", "size", "sigma", "long_video")}
-            if int(self.lyapunov_kwargs["frames"]) and getattr(model, "streamable", True):
+            if int(self.lyapunov_kwargs["frames"]) and traits(model).streamable:
                 try:
                     clip = self._lyapunov_clip(model)
                     lyap = engine.lyapunov(model, clip.clip, **extra)
@@ -207,7 +208,7 @@ class OnsetTest(L.Callback):
         from recstab.data.long_video import LongVideo
 
         model = _model(pl_module)
-        if not getattr(model, "streamable", True) and self.kwargs["burst"] is None:
+        if not traits(model).streamable and self.kwargs["burst"] is None:
             log.warning("onset test skipped: %s is not streamable (bidirectional)", type(model).__name__)
             return
         dampening = _evaluation_setup(pl_module)

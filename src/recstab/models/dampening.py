@@ -12,11 +12,13 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from recstab.models.interface import traits
+
 
 @contextmanager
 def evaluating(model: nn.Module, dampening: float | None = None):
     """Eval mode, and feature dampening λ when given, for the block; both restored after."""
-    old_dampening = getattr(model, "dampening", None)
+    old_dampening = traits(model).dampening
     if dampening is not None and old_dampening is None:
         raise ValueError(f"dampening={dampening} asked but {type(model).__name__} has no "
                          "`dampening` attribute (feature dampening of appendix F)")

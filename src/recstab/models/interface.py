@@ -27,6 +27,8 @@ model (or a published baseline) is diagnosable as soon as it subclasses it:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -114,3 +116,27 @@ class VideoModel(nn.Module):
     def memory(self) -> int | None:
         """How many input frames y_t depends on, for a model without a loop (None: unknown)."""
         return None
+
+
+class Traits(NamedTuple):
+    """What the diagnostics need to know of a model, whatever its class."""
+
+    in_channels: int
+    scale: int
+    task: str
+    streamable: bool       # has process(x, state) and can stream chunk by chunk
+    is_recurrent: bool
+    dampening: float | None  # None: the model has no feature dampening
+
+
+def traits(model: nn.Module) -> Traits:
+    """A :class:`VideoModel`'s own answers; for any other module with ``forward(x)`` (the
+    diagnostics accept one), the documented defaults: 3 channels, denoise, streamable when it
+    has ``process(x, state)``, recurrent unless it says otherwise, no dampening."""
+    if isinstance(model, VideoModel):
+        return Traits(model.in_channels, model.scale, model.task, model.streamable, model.is_recurrent,
+                      model.dampening)
+    has_process = callable(getattr(model, "process", None))
+    return Traits(int(getattr(model, "in_channels", 3)), int(getattr(model, "scale", 1)),
+                  getattr(model, "task", "denoise"), has_process and getattr(model, "streamable", True),
+                  getattr(model, "is_recurrent", True), getattr(model, "dampening", None))

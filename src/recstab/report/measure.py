@@ -57,6 +57,7 @@ from torch.nn.utils import parametrize
 
 from recstab.diagnostics import engine
 from recstab.models.dampening import evaluating
+from recstab.models.interface import traits
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,11 @@ def measure_fps(model: torch.nn.Module, height: int = 256, width: int = 448, fra
     """
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    c = channels or int(getattr(model, "in_channels", 3))
-    scale = int(getattr(model, "scale", 1))
+    c = channels or traits(model).in_channels
+    scale = traits(model).scale
     x = torch.rand(1, warmup + frames, c, height // scale, width // scale, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    streaming = callable(getattr(model, "process", None)) and getattr(model, "streamable", True)
+    streaming = traits(model).streamable
     was_training = model.training
     model.eval()
     try:
@@ -250,12 +251,12 @@ class TableMeasurements(L.Callback):
     def _onsets(self, model, dampening: float, out: Path, extra: dict) -> dict:
         cfg = dict(self.onsets)
         burst = cfg.get("burst")
-        if not getattr(model, "streamable", True) and burst is None:
+        if not traits(model).streamable and burst is None:
             extra["onsets"] = {"skipped": "bidirectional model: no streaming onset test"}
             return {}
         kwargs = {k: cfg[k] for k in ("chunk", "seed", "max_frames", "burst", "overlap") if k in cfg}
         sigma = float(cfg.get("sigma", 30.0)) / 255
-        channels = int(getattr(model, "in_channels", 3))
+        channels = traits(model).in_channels
         runs = []
         if cfg.get("video", "long") == "long":
             from recstab.data.long_video import LongVideo
