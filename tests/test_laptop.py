@@ -93,3 +93,23 @@ def test_trajectory_reads_the_monitor_rows_and_draws_one_png(tmp_path):
     assert draw_trajectories({"b": tmp_path / "b"}, tmp_path / "none.png") is None
     with pytest.raises(FileNotFoundError, match="metrics"):
         read_trajectory(tmp_path / "missing.csv")
+
+
+def test_laptop_report_columns_show_the_stability_numbers(tmp_path):
+    from recstab.report.tables import Run, build_table, render_markdown
+
+    def run(norm, metrics):
+        cfg = OmegaConf.create({"model": {"backbone": "vresnet", "norm": norm}, "recurrence": {"name": "feat"}})
+        return Run(tmp_path, cfg, metrics, str(norm))
+    runs = [run({"kind": "none"}, {"test/psnr_7": 28.45, "stability/verdict": "empirically stable",
+                                   "stability/bound": 12.6, "stability/lyapunov": -0.545,
+                                   "stability/trf_growth_rate": -0.739, "speed/train_step_cpu_s": 1.234}),
+            run({"kind": "srnc", "alpha": 0.5, "beta": 1.0}, {"test/psnr_7": 27.9, "stability/verdict": "certified stable",
+                                                              "stability/bound": 0.26})]
+    table = build_table("laptop", runs)
+    ours = {row["name"]: row["ours"] for row in table.rows}
+    assert ours["No constraint"]["verdict"] == "empirically stable" and ours["No constraint"]["lyapunov"] == -0.545
+    assert ours["SRN-C α=0.5 β=1.0 (Hard)"]["bound"] == 0.26 and ours["SRN-C α=2.0 β=0.1 (Soft)"]["psnr_7"] is None
+    text = render_markdown(table)
+    assert "| No constraint | 1 | 28.45 | 35.74 | empirically stable | proven unstable | 12.6 |" in text
+    assert "-0.545" in text and "-0.739" in text and "1.23" in text
