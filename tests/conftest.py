@@ -57,6 +57,14 @@ def _compose(config_name: str = "train", overrides=(), output_dir: Path | None =
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def _forget_hydra_runtime():
+    """A test that sets up the Hydra runtime (``output_dir=``) must not leak it into the next one."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+    HydraConfig.instance().cfg = None
+
+
 @pytest.fixture(scope="session")
 def compose():
     """``compose(config_name="train", overrides=[...], output_dir=None)`` -> the composed config."""
