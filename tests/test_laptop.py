@@ -37,7 +37,7 @@ def test_laptop_sweep_composes_unconstrained_hard_and_soft():
         job = compose_train(["sweep=laptop", *overrides])
         norm = job.model.norm
         norms.append((norm.kind, norm.get("alpha"), norm.get("beta")))
-        assert (job.model.backbone, job.recurrence.name, job.task.name) == ("vresnet", "feat", "denoise")
+        assert (job.model.backbone, job.recurrence.name, job.task.name) == ("vresnet", "rlsp", "denoise")
         assert job.callbacks.step_timer._target_ == "recstab.lit.step_timer.StepTimer"
         assert job.callbacks.trf_monitor.every_n_val_epochs == 1
         assert job.trainer.max_steps == compose_train([]).trainer.max_steps  # the default recipe
