@@ -55,6 +55,8 @@ import math
 
 import torch
 
+from recstab.norms.spectra import check_kernel_and_n
+
 ROUNDING = 1e-9  # relative margin added for floating-point rounding (float64 SVD: ~1e-13)
 
 
@@ -66,11 +68,7 @@ def conv_norm_bound(weight: torch.Tensor, n: int = 64) -> float:
     the supremum of the frequency response by at most 1/cos(π(kh + kw − 2)/(2n)).
     Derivation in the module docstring.
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a 4-D conv kernel c_out×c_in×kh×kw, got {shape}")
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise ValueError(f"n (lattice resolution) must be an int, got {n!r}")
+    check_kernel_and_n(weight, n)
     kh, kw = weight.shape[-2:]
     degree = (kh - 1) + (kw - 1)
     if n <= degree:

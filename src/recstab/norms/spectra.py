@@ -37,12 +37,17 @@ import torch
 import torch.nn.functional as F
 
 
-def check_kernel(weight: torch.Tensor, n: int) -> None:
+def check_kernel_and_n(weight: torch.Tensor, n: int) -> None:
+    """A 4-D conv kernel and an integer map side n (what every spectrum computation takes)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a 4-D conv kernel c_out×c_in×kh×kw, got {shape}")
     if isinstance(n, bool) or not isinstance(n, int):
         raise ValueError(f"n must be an int (the side of the n×n feature map), got {n!r}")
+
+
+def check_kernel(weight: torch.Tensor, n: int) -> None:
+    check_kernel_and_n(weight, n)
     kh, kw = weight.shape[-2:]
     if n < max(kh, kw):
         raise ValueError(f"n={n} is smaller than the {kh}×{kw} kernel; valid: n >= {max(kh, kw)}")
