@@ -44,18 +44,24 @@ def saved_step(path: Path) -> int:
         return -1
 
 
-def interrupt_at(proc: subprocess.Popen, run_dir: Path, step: int, signum: int) -> int:
-    """Send ``signum`` once run_dir's last.ckpt holds ``step`` or more; the step it held then."""
-    last = run_dir / "checkpoints" / "last.ckpt"
+def interrupt_at(targets: dict) -> dict:
+    """``targets``: run_dir -> (proc, step, signum). Polls all runs together and sends each its signal
+    once its last.ckpt holds ``step`` or more (while it is still training); returns the steps seen."""
+    pending, seen_at = dict(targets), {}
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        seen = saved_step(last)
-        if seen >= step:
-            os.kill(proc.pid, signum)
-            return seen
+    while pending and time.time() < deadline:
+        for run_dir, (proc, step, signum) in list(pending.items()):
+            if proc.poll() is not None:
+                raise AssertionError(f"{run_dir} ended (rc={proc.poll()}) before step {step}:\n"
+                                     + (run_dir / "stderr.txt").read_text()[-3000:])
+            seen = saved_step(run_dir / "checkpoints" / "last.ckpt")
+            if seen >= step:
+                os.kill(proc.pid, signum)
+                seen_at[run_dir] = seen
+                del pending[run_dir]
         time.sleep(0.005)
-    raise AssertionError(f"{run_dir} ended (rc={proc.poll()}) before step {step}:\n"
-                         + (run_dir / "stderr.txt").read_text()[-3000:])
+    assert not pending, f"runs never reached their interruption step: {list(pending)}"
+    return seen_at
 
 
 def finish(proc: subprocess.Popen, run_dir: Path) -> int:
@@ -78,8 +84,9 @@ def runs(tmp_path_factory):
     k_kill, k_term = rng.randint(2, STEPS - 5), rng.randint(2, STEPS - 5)
     full, killed, termed = root / "full", root / "killed", root / "termed"
     procs = {d: start(d) for d in (full, killed, termed)}
-    at_kill = interrupt_at(procs[killed], killed, k_kill, signal.SIGKILL)
-    at_term = interrupt_at(procs[termed], termed, k_term, signal.SIGTERM)
+    seen = interrupt_at({killed: (procs[killed], k_kill, signal.SIGKILL),
+                         termed: (procs[termed], k_term, signal.SIGTERM)})
+    at_kill, at_term = seen[killed], seen[termed]
     rcs = {d: finish(p, d) for d, p in procs.items()}
     interrupted = {"killed": (at_kill, rcs[killed], saved_step(killed / "checkpoints" / "last.ckpt")),
                    "termed": (at_term, rcs[termed], saved_step(termed / "checkpoints" / "interrupted.ckpt"))}
