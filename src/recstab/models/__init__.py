@@ -1,8 +1,11 @@
 """Models: ``build_model(backbone, recurrence, task, channels)``.
 
-The paper's backbones × temporal connections live in :mod:`.temporal` and
-:mod:`.backbones`; the published baselines of Table 1 (FastDVDnet, FRVSR,
-DBDNet) in :mod:`.baselines`, reachable with ``backbone=<name>``.
+Every model is a :class:`~recstab.models.interface.VideoModel` (:mod:`.interface`): the paper's
+backbones (:mod:`.backbones`) × temporal connections (:mod:`.connections`, objects that own their
+state, feed/update step, in-loop convs and part of the loop certificate, :mod:`.certificate`), put
+together in :mod:`.temporal`; the published baselines of Table 1 (FastDVDnet, FRVSR, DBDNet, BM3D) in
+:mod:`.baselines`, reachable with ``backbone=<name>``; reference linear recurrences with known
+stability in :mod:`.reference`.
 """
 
 from __future__ import annotations
