@@ -40,7 +40,9 @@ def test_laptop_sweep_composes_unconstrained_hard_and_soft():
         assert (job.model.backbone, job.recurrence.name, job.task.name) == ("vresnet", "rlsp", "denoise")
         assert job.callbacks.step_timer._target_ == "recstab.lit.step_timer.StepTimer"
         assert job.callbacks.trf_monitor.every_n_val_epochs == 1
-        assert job.trainer.max_steps == compose_train([]).trainer.max_steps  # the default recipe
+        default = compose_train([])  # the default recipe, shorter and narrower: 300 steps, 16 channels
+        assert (job.trainer.max_steps, job.model.channels) == (300, 16)
+        assert (job.module.lr, job.model.init, job.data.crop) == (default.module.lr, default.model.init, default.data.crop)
     assert norms == [("none", None, None), ("srnc", 0.5, 1.0), ("srnc", 2.0, 0.1)]
     assert norms[1][1] < 1  # the Hard constraint certifies: alpha < 1
 
