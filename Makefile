@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(PY) src/train.py
 
+# one pytest-xdist worker per core, at most 4, a test file per worker (its module fixtures run once);
+# plain `pytest` (no -n) runs in one process
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 smoke: install
 	$(PY) src/train.py debug=smoke

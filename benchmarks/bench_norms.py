@@ -206,7 +206,7 @@ def main():
         f"srank/(n²m)/β in [{low:.4f}, {high:.4f}] (per-frequency power iteration, {TRACKED} tracked "
         "frequencies with exact SVDs per step)",
         f"- exact `refresh` of every srnc layer of the model (n = 64): {refresh_time:.2f} s",
-        f"- paper: ×1.8 (SRN), ×2.2 (SRN-C); target here srnc/none ≤ 1.05",
+        "- paper: ×1.8 (SRN), ×2.2 (SRN-C); target here srnc/none ≤ 1.05",
         f"- benchmark wall time: {time.perf_counter() - bench_start:.0f} s",
     ]
     report = "\n".join(lines) + "\n"

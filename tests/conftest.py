@@ -87,31 +87,67 @@ def run_script():
     return _run_script
 
 
+def _sweep_jobs(cfg) -> list[list[str]]:
+    """The job overrides of a composed sweep's ``hydra.sweeper.params`` (comma lists, Cartesian product), as
+    Hydra's basic sweeper makes them."""
+    import itertools
+
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    axes = [[f"{key}={value.strip()}" for value in str(values).split(",")] for key, values in params.items()]
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+@pytest.fixture(scope="session")
+def sweep_jobs():
+    """``sweep_jobs(cfg)`` -> the list of job overrides of a composed sweep config."""
+    return _sweep_jobs
+
+
 EVALUATION_SWEEPS = {"table7", "fig12"}  # sweeps over one trained checkpoint (train=false ckpt_path=...)
+
+
+def _once(path: Path, make) -> Path:
+    """``make(path)`` unless it already ran: under pytest-xdist (``make test``) every worker shares ``path`` and a
+    file lock, so a run that several workers' tests need is made once, by whichever asks first."""
+    from filelock import FileLock
+
+    with FileLock(str(path) + ".lock"):
+        done = path.with_name(path.name + ".done")
+        if not done.exists():
+            make(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory):
-    """``smoke_sweep(name)`` -> the dir of `python src/train.py -m sweep=<name> debug=smoke`, run once per session
-    (the evaluation sweeps evaluate a VResNet-feat trained for 3 steps, also trained once)."""
-    root = tmp_path_factory.mktemp("smoke_sweeps")
-    done: dict = {}
+    """``smoke_sweep(name)`` -> the dir of `python src/train.py -m sweep=<name> debug=smoke logger=csv`, run once
+    per test session, shared by the xdist workers (the evaluation sweeps evaluate a VResNet-feat trained for 3
+    steps, also trained once). The sweeps' W&B runs are tested on their own
+    (test_sweeps.py::test_each_job_finishes_its_own_wandb_run)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the xdist workers' basetemps share it
+    root = shared / "smoke_sweeps"
+    root.mkdir(exist_ok=True)
 
-    def checkpoint() -> Path:
-        ckpt = root / "vresnet_feat" / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            result = _run_script("train.py", ["debug=smoke", "logger=csv", f"hydra.run.dir={root / 'vresnet_feat'}"], root)
-            assert result.returncode == 0, result.stderr[-3000:]
-        return ckpt
+    def train(run_dir: Path) -> None:
+        result = _run_script("train.py", ["debug=smoke", "logger=csv", f"hydra.run.dir={run_dir}"], root)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    def sweep(name: str):
+        def make(sweep_dir: Path) -> None:
+            extra = []
+            if name in EVALUATION_SWEEPS:
+                extra = [f"ckpt_path={_once(root / 'vresnet_feat', train) / 'checkpoints' / 'last.ckpt'}"]
+            result = _run_script("train.py", ["-m", f"sweep={name}", "debug=smoke", "logger=csv",
+                                              f"hydra.sweep.dir={sweep_dir}", *extra], root)
+            assert result.returncode == 0, result.stderr[-4000:]
+        return make
 
     def run(name: str) -> Path:
-        if name not in done:
-            extra = [f"ckpt_path={checkpoint()}"] if name in EVALUATION_SWEEPS else []
-            result = _run_script("train.py", ["-m", f"sweep={name}", "debug=smoke", f"hydra.sweep.dir={root / name}",
-                                              *extra], root)
-            assert result.returncode == 0, result.stderr[-4000:]
-            done[name] = root / name
-        return done[name]
+        return _once(root / name, sweep(name))
 
     run.root = root
     return run

@@ -31,6 +31,26 @@ def test_parameter_count_matches_table1(name):
 
 
 @pytest.mark.parametrize("name", LEARNED)
+def test_channels_resize_the_widths_and_64_is_the_published_model(name):
+    assert count_parameters(build_model(name, channels=64)) == EXACT[name]
+    small = build_model(name, channels=8)
+    widths = {m.out_channels for m in small.modules() if isinstance(m, torch.nn.Conv2d)}
+    expected = {"fastdvdnet": {4, 8, 16, 90}, "frvsr": {4, 8, 16, 32}, "dbdnet": {8}}[name]  # + 4·w before a shuffle
+    assert expected <= widths and max(widths) <= {"fastdvdnet": 90, "frvsr": 32, "dbdnet": 8}[name]
+    x = clip(t=3, h=13, w=18)
+    assert small(x).shape == x.shape
+
+
+def test_depth_resizes_frvsr_and_dbdnet_and_is_refused_by_fastdvdnet():
+    assert len(build_model("frvsr", channels=8, depth=2).blocks) == 2
+    assert len(build_model("dbdnet", channels=8, depth=3).multi) == 3
+    with pytest.raises(ValueError, match="FastDVDnet has a fixed depth \\(got depth=3\\)"):
+        build_model("fastdvdnet", depth=3)
+    with pytest.raises(ValueError, match="even and >= 2, got 7"):
+        build_model("fastdvdnet", channels=7)
+
+
+@pytest.mark.parametrize("name", LEARNED)
 @pytest.mark.parametrize("channels", [3, 1])
 def test_shapes_and_backward(name, channels):
     model = build_model(name, task="denoise", in_channels=channels)

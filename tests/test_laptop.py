@@ -2,45 +2,26 @@
 stability-across-training figure are drawn."""
 
 import csv
-import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from recstab.report.trajectory import draw_trajectories, read_trajectory
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
-
-
-def jobs(cfg):
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    axes = [[f"{k}={v.strip()}" for v in str(values).split(",")] for k, values in params.items()]
-    return [list(combo) for combo in itertools.product(*axes)]
-
-
-def test_laptop_sweep_composes_unconstrained_hard_and_soft():
-    cfg = compose_train(["sweep=laptop"])
+def test_laptop_sweep_composes_unconstrained_hard_and_soft(compose, sweep_jobs):
+    cfg = compose("train", ["sweep=laptop"])
     assert cfg.task_name == cfg.group == "laptop"
     norms = []
-    for overrides in jobs(cfg):
-        job = compose_train(["sweep=laptop", *overrides])
+    for overrides in sweep_jobs(cfg):
+        job = compose("train", ["sweep=laptop", *overrides])
         norm = job.model.norm
         norms.append((norm.kind, norm.get("alpha"), norm.get("beta")))
         assert (job.model.backbone, job.recurrence.name, job.task.name) == ("vresnet", "rlsp", "denoise")
         assert job.callbacks.step_timer._target_ == "recstab.lit.step_timer.StepTimer"
         assert job.callbacks.trf_monitor.every_n_val_epochs == 1
-        default = compose_train([])  # the default recipe, shorter and narrower: 300 steps, 16 channels
+        default = compose("train")  # the default recipe, shorter and narrower: 300 steps, 16 channels
         assert (job.trainer.max_steps, job.model.channels) == (300, 16)
         assert (job.module.lr, job.model.init, job.data.crop) == (default.module.lr, default.model.init, default.data.crop)
     assert norms == [("none", None, None), ("srnc", 0.5, 1.0), ("srnc", 2.0, 0.1)]
@@ -48,20 +29,14 @@ def test_laptop_sweep_composes_unconstrained_hard_and_soft():
 
 
 @pytest.mark.slow
-def test_every_row_runs_under_smoke_and_the_report_has_a_row_each(tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "sweep=laptop", "debug=smoke",
-           f"hydra.sweep.dir={sweep_dir}"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_every_row_runs_under_smoke_and_the_report_has_a_row_each(smoke_sweep, run_script):
+    sweep_dir = smoke_sweep("laptop")
     runs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file())
     assert [p.name.split("_", 1)[1] for p in runs] == ["laptop-unconstrained", "laptop-srnc_0.5_1.0",
                                                        "laptop-srnc_2.0_0.1"]
     for run in runs:
         assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "measurements.json").is_file()
-    report = subprocess.run([sys.executable, str(ROOT / "src" / "report.py"), "sweep=laptop", f"dir={sweep_dir}",
-                             "wandb=false"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, **ENV}, timeout=300)
+    report = run_script("report.py", ["sweep=laptop", f"dir={sweep_dir}", "wandb=false"], sweep_dir)
     assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
     table = [line for line in report.stdout.splitlines() if line.startswith("| ")]
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table[1:]}

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from recstab.norms import (NORM_KINDS, ConvStableRankNorm, SpectralNorm, StableRankNorm, apply_norm, bake,
+from recstab.norms import (NORM_KINDS, ConvStableRankNorm, SpectralNorm, apply_norm, bake,
                            conv_singular_values, normalised_convs, refresh, remove_norm, spectral_norm_fft,
                            spectral_norm_power, stable_rank)
 from recstab.norms.spectra import conv_circular, conv_circular_t, top_right_singular_map

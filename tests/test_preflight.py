@@ -1,21 +1,14 @@
 """Bad places fail before any work starts, with a message that names both sides."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from recstab.lit.launch import preflight, run_training
 from recstab.lit.preflight import (MissingCheckpointError, PreflightError, check_checkpoint,
                                    check_compatible, check_writable, model_differences, read_checkpoint)
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"backbone": "vresnet", "recurrence": "feat", "task": "denoise", "channels": 8, "in_channels": 3,
          "depth": None, "init": "he", "norm": {"kind": "srnc", "alpha": 2.0, "beta": 0.1, "n": 16,
                                               "power_iters": 1, "loop_only": False}}
@@ -27,15 +20,10 @@ def nested(**changes) -> dict:
     return {"model": model, "lr": 1e-3, "loss": "mse"}
 
 
-def compose_cfg(run_dir: Path, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "logger=csv", *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-        cfg.paths.log_dir = str(run_dir.parent / "logs")
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+@pytest.fixture(scope="session")
+def smoke_cfg(compose):
+    """``smoke_cfg(run_dir, overrides)`` -> a debug=smoke, CSV-logged train config set up to run in ``run_dir``."""
+    return lambda run_dir, overrides: compose("train", ["debug=smoke", "logger=csv", *overrides], output_dir=run_dir)
 
 
 # ---------------------------------------------------------------- writable places
@@ -101,30 +89,30 @@ def test_flat_hyper_parameters_of_older_checkpoints_are_read():
 
 # ---------------------------------------------------------------- through the configs
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, smoke_cfg):
     """One real smoke run (SRN-C, n=16): its last.ckpt is the checkpoint of the tests below."""
     run_dir = tmp_path_factory.mktemp("pre") / "run"
-    run_training(compose_cfg(run_dir, ["norm=srnc", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    run_training(smoke_cfg(run_dir, ["norm=srnc", "trainer.max_steps=2", "trainer.val_check_interval=2",
                                        "test=false"]))
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def test_real_checkpoint_passes_and_another_n_fails_before_training(trained, tmp_path):
-    cfg = compose_cfg(tmp_path / "ok", ["norm=srnc", f"ckpt_path={trained}"])
+def test_real_checkpoint_passes_and_another_n_fails_before_training(trained, tmp_path, smoke_cfg):
+    cfg = smoke_cfg(tmp_path / "ok", ["norm=srnc", f"ckpt_path={trained}"])
     assert preflight(cfg) == str(trained)
     check_checkpoint(trained, OmegaConf.to_container(cfg.module, resolve=True))
-    cfg = compose_cfg(tmp_path / "bad", ["norm=srnc", "model.norm.n=32", f"ckpt_path={trained}"])
+    cfg = smoke_cfg(tmp_path / "bad", ["norm=srnc", "model.norm.n=32", f"ckpt_path={trained}"])
     with pytest.raises(PreflightError, match="model.norm.n: checkpoint 16, config 32"):
         run_training(cfg)
     assert not (tmp_path / "bad" / "checkpoints" / "last.ckpt").exists()
 
 
-def test_stale_interrupted_checkpoint_of_another_model_is_refused(trained, tmp_path):
+def test_stale_interrupted_checkpoint_of_another_model_is_refused(trained, tmp_path, smoke_cfg):
     run_dir = tmp_path / "reused"
     (run_dir / "checkpoints").mkdir(parents=True)
     stale = run_dir / "checkpoints" / "interrupted.ckpt"
     stale.write_bytes(trained.read_bytes())  # a crashed SRN-C run left it behind
-    cfg = compose_cfg(run_dir, ["norm=none", "resume=true"])  # now an unnormalised model in the same dir
+    cfg = smoke_cfg(run_dir, ["norm=none", "resume=true"])  # now an unnormalised model in the same dir
     with pytest.raises(PreflightError) as error:
         run_training(cfg)
     message = str(error.value)
@@ -134,20 +122,18 @@ def test_stale_interrupted_checkpoint_of_another_model_is_refused(trained, tmp_p
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["interrupted.ckpt"]
 
 
-def test_unwritable_checkpoint_dir_fails_before_the_data_is_built(tmp_path):
+def test_unwritable_checkpoint_dir_fails_before_the_data_is_built(tmp_path, smoke_cfg):
     (tmp_path / "a_file").write_text("x")
-    cfg = compose_cfg(tmp_path / "run", [f"callbacks.model_checkpoint.dirpath={tmp_path}/a_file/ckpts"])
+    cfg = smoke_cfg(tmp_path / "run", [f"callbacks.model_checkpoint.dirpath={tmp_path}/a_file/ckpts"])
     with pytest.raises(PreflightError, match="callbacks.model_checkpoint.dirpath=.*a_file/ckpts.*not a writable"):
         run_training(cfg)
     assert not (tmp_path / "run" / "csv").exists()
 
 
 @pytest.mark.slow
-def test_cli_another_model_fails_with_one_paragraph(trained, tmp_path):
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "debug=smoke", "logger=csv", f"hydra.run.dir={tmp_path}",
-           "model=vdncnn", "norm=srnc", f"ckpt_path={trained}"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+def test_cli_another_model_fails_with_one_paragraph(trained, tmp_path, run_script):
+    result = run_script("train.py", ["debug=smoke", "logger=csv", f"hydra.run.dir={tmp_path}", "model=vdncnn",
+                                     "norm=srnc", f"ckpt_path={trained}"], tmp_path)
     assert result.returncode != 0
     assert "model.backbone: checkpoint 'vresnet', config 'vdncnn'" in result.stderr, result.stderr[-3000:]
     assert "Seed set" not in result.stderr + result.stdout  # refused before anything was built

@@ -4,7 +4,6 @@ The smoke runs (`python src/train.py -m sweep=<name> debug=smoke`) come from the
 ``smoke_sweep`` of conftest.py, shared with tests/test_report.py: each sweep runs once per session.
 """
 
-import itertools
 import json
 import math
 import os
@@ -22,13 +21,6 @@ RUNS = {"table1": 10, "table2": 6, "table3": 9, "table4": 4, "table5": 3, "table
 SWEEPS = list(RUNS)
 EVALUATION = {"table7", "fig12"}           # sweeps over one trained checkpoint (train=false ckpt_path=...)
 SCALE = {"table8": "appendix_g"}            # the experiment= that gives a sweep the paper's scale
-
-
-def jobs(cfg) -> list[list[str]]:
-    """The job overrides of cfg.hydra.sweeper.params (comma lists, Cartesian product), as the basic sweeper makes them."""
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    axes = [[f"{key}={value.strip()}" for value in str(values).split(",")] for key, values in params.items()]
-    return [list(combo) for combo in itertools.product(*axes)]
 
 
 def conv_params(c_in: int, c_out: int) -> int:
@@ -85,14 +77,14 @@ def test_some_transcribed_numbers():
 
 # ------------------------------------------------------------------------------------- composition
 @pytest.mark.parametrize("name", SWEEPS)
-def test_every_job_composes_and_fills_exactly_one_paper_row(name, compose):
+def test_every_job_composes_and_fills_exactly_one_paper_row(name, compose, sweep_jobs):
     """Each job of the sweep composes (under debug=smoke) and matches one and only one row of the paper."""
     extra = ["ckpt_path=/x/last.ckpt"] if name in EVALUATION else []
     cfg = compose("train", [f"sweep={name}", "debug=smoke", *extra])
     assert cfg.group == name and list(cfg.tags) == [name] and cfg.task_name == name
     assert cfg.logger.wandb.group == name and list(cfg.logger.wandb.tags) == [name]
     assert cfg.callbacks.measure._target_ == "recstab.report.TableMeasurements"
-    job_list = jobs(cfg)
+    job_list = sweep_jobs(cfg)
     assert len(job_list) == RUNS[name]
     rows = load_paper(name)["rows"]
     names = set()
@@ -107,10 +99,10 @@ def test_every_job_composes_and_fills_exactly_one_paper_row(name, compose):
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_sweep_composes_at_the_papers_scale(name, compose):
+def test_sweep_composes_at_the_papers_scale(name, compose, sweep_jobs):
     scale = SCALE.get(name, "paper")
     cfg = compose("train", [f"sweep={name}", f"experiment={scale}", "ckpt_path=/x/last.ckpt"])
-    first = compose("train", [f"sweep={name}", f"experiment={scale}", "ckpt_path=/x/last.ckpt", *jobs(cfg)[0]])
+    first = compose("train", [f"sweep={name}", f"experiment={scale}", "ckpt_path=/x/last.ckpt", *sweep_jobs(cfg)[0]])
     assert first.trainer.accelerator == "gpu"
     assert first.trainer.max_steps == (300000 if name == "table8" else 600000)
     assert first.callbacks.measure.trf is None or first.callbacks.measure.trf.iters == 500
@@ -122,9 +114,9 @@ def test_sweep_composes_at_the_papers_scale(name, compose):
         assert first.train is False
 
 
-def test_table6_rows_constrain_the_loop_only(compose):
+def test_table6_rows_constrain_the_loop_only(compose, sweep_jobs):
     cfg = compose("train", ["sweep=table6"])
-    for overrides in jobs(cfg):
+    for overrides in sweep_jobs(cfg):
         norm = compose("train", ["sweep=table6", *overrides]).model.norm
         assert (norm.kind, norm.alpha, norm.loop_only) == ("srnc", 3.0, True)
 
@@ -165,7 +157,7 @@ def test_evaluation_sweep_without_checkpoint_fails_loudly(tmp_path, run_script):
 
 # ------------------------------------------------------------------------------------- smoke runs
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SWEEPS)
+@pytest.mark.parametrize("name", SWEEPS[::-1])  # back to front: under xdist, test_report.py's worker starts at the front
 def test_whole_sweep_runs_under_smoke(name, smoke_sweep):
     out = smoke_sweep(name)
     runs = sorted(p for p in out.iterdir() if (p / ".hydra" / "config.yaml").is_file())

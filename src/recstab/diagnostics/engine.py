@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -342,3 +343,15 @@ def decide(cert=None, trf_result=None, onset_result=None, lyap=None, *, measured
 
 def verdict_metrics(verdict: str) -> dict:
     return {"stability/verdict_code": float(VERDICTS.index(verdict))}
+
+
+def json_value(value):
+    """``json.dumps(..., default=json_value)``: numpy numbers and arrays as numbers and lists, paths and devices
+    as strings, anything else as its repr (the report and the sweep measurements write the same way)."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    return repr(value)

@@ -176,7 +176,7 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
         for path, reason in report.skipped_files:
             report.notes.append(f"skipped unreadable video {path}: {reason}")
         report.settings["seconds"] = time.perf_counter() - start
-        _atomic_write(report.files["json"], json.dumps(report.to_dict(), indent=2, default=_json_default))
+        _atomic_write(report.files["json"], json.dumps(report.to_dict(), indent=2, default=engine.json_value))
         _atomic_write(report.files["markdown"], markdown(report))
 
     def section(key: str, measure) -> None:
@@ -301,14 +301,6 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    return repr(value)
-
-
 def _fmt(value) -> str:
     if value is None:
         return "—"
@@ -357,7 +349,8 @@ def markdown(report: StabilityReport) -> str:
             lines.append(f"| median PSNR (dB, raw output) | {float(np.median(finite)):.2f} |")
     if t is not None:
         lines += ["", f"Thresholds: TRF influence > {t.threshold:g} of the largest counts, unbounded needs it at x_-τ "
-                  f"and outputs diverging at > {t.growth_tol:g}/frame (2 s.e.); an instability is a frame with PSNR < 0 dB or a non-finite output, a "
+                  f"and outputs diverging at > {t.growth_tol:g}/frame (2 s.e.); an instability is a frame with "
+                  "PSNR < 0 dB or a non-finite output, a "
                   "feedback divergence one whose output diverged (non-finite or |y| > 1e6) with the carried "
                   "state and not from the initial state; certified when the bound is < 1."]
     lines.append("")

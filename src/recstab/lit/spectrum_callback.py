@@ -31,7 +31,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch.nn as nn  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 from recstab.diagnostics.engine import conv_spectra  # noqa: E402

@@ -10,6 +10,8 @@ stability in :mod:`.reference`.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from recstab.models.backbones import BACKBONES, he_init_
@@ -45,7 +47,7 @@ def build_model(backbone: str = "vresnet", recurrence: str | TemporalConnection 
     """
     baselines = _baselines()
     if backbone in baselines:
-        model = baselines[backbone](task=task, in_channels=in_channels)
+        model = _build_baseline(baselines[backbone], task, channels, in_channels, depth)
     elif backbone not in BACKBONES:
         valid = ", ".join(list(BACKBONES) + list(baselines))
         raise ValueError(f"unknown backbone {backbone!r}; valid backbones: {valid}")
@@ -56,6 +58,17 @@ def build_model(backbone: str = "vresnet", recurrence: str | TemporalConnection 
         from recstab.norms import apply_norm
         apply_norm(model, **norm)
     return model
+
+
+def _build_baseline(cls: type, task: str, channels: int, in_channels: int, depth: int | None) -> VideoModel:
+    """A baseline at its published size by default; ``channels`` (and ``depth``) resize the ones that have them."""
+    knobs = inspect.signature(cls).parameters
+    if depth is not None and "depth" not in knobs:
+        raise ValueError(f"{cls.__name__} has a fixed depth (got depth={depth}); leave model.depth null")
+    kwargs = {"channels": channels} if "channels" in knobs else {}  # BM3D has no width: channels is moot
+    if depth is not None:
+        kwargs["depth"] = depth
+    return cls(task=task, in_channels=in_channels, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

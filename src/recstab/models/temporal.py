@@ -115,7 +115,9 @@ class RecurrentVideoModel(VideoModel):
     def step(self, frame: torch.Tensor, state: dict, body: Backbone | None = None,
              output: bool = True) -> tuple[torch.Tensor, dict]:
         """One frame. ``output=False`` returns the hidden features instead (bidirectional)."""
-        frames = torch.cat([state["frames"], frame[:, None]], dim=1)  # B×k×C×H×W, oldest first
+        frames = frame[:, None]  # B×k×C×H×W, oldest first (k = window)
+        if self.window > 1:
+            frames = torch.cat([state["frames"], frames], dim=1)
         extra, sides = self.connection.feed(self, state)
         hidden, block_in, block_out = (body or self.body)(torch.cat([frames.flatten(1, 2), *extra], 1), sides)
         y = self._reconstruct(self.tail(hidden), frame) if output else hidden

@@ -225,7 +225,7 @@ class TableMeasurements(L.Callback):
             model.train(was_training)
         self.results = results
         (out / "measurements.json").write_text(json.dumps({"metrics": results, **extra}, indent=2,
-                                                          default=_json_default))
+                                                          default=engine.json_value))
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in results.items() if isinstance(v, float)}, step=trainer.global_step)
         log.info("table measurements: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
@@ -285,11 +285,3 @@ class TableMeasurements(L.Callback):
         metrics = engine.onset_metrics(runs)
         metrics["long/fps"] = float(np.mean([run.fps for run in runs]))  # per sequence, as the tables report it
         return metrics
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)

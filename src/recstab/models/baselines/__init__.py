@@ -9,7 +9,8 @@ dbdnet     Deep Burst Denoising: single-frame + feature-recurrent     964 712
 bm3d       per-frame CBM3D through the PyPI ``bm3d`` package          none
 ========== ========================================================== ============
 
-(parameter counts for RGB, ``task="denoise"``; Table 1: 2.49M, 2.49M, 965k.)
+(parameter counts for RGB, ``task="denoise"``, at the published width ``channels=64``; Table 1: 2.49M,
+2.49M, 965k. ``channels`` and, for FRVSR and DBDNet, ``depth`` resize them: tests run them at 8.)
 VNLB, the other non-learned method of Table 1, has no Python release and is not included.
 
 Every baseline is a :class:`recstab.models.interface.VideoModel` (``model(x)``,

@@ -14,7 +14,9 @@ One denoising block on frames (a, b, c), with reference frame r (see *window* be
     up      2x[conv 64, BN, ReLU] on x1 + ..., conv 64 -> 4*32, shuffle    (32, H)
     output  conv 32, BN, ReLU, conv 32 -> C on x0 + ...;  result = r - that
 
-Convs have no bias (BatchNorm follows them), as in the original. In training mode the
+With ``channels = w`` the three U-Net levels are w/2, w, 2w wide (the paper's w = 64:
+32, 64, 128 as above; the 30 per-frame features of the input conv stay). Convs have no
+bias (BatchNorm follows them), as in the original. In training mode the
 BatchNorm statistics are those of the B windows of one time step (frames are processed
 one at a time, so chunked and whole-clip processing agree in both modes).
 
@@ -60,19 +62,19 @@ def conv_bn_relu(c_in: int, c_out: int, stride: int = 1, groups: int = 1) -> lis
 class DenoisingBlock(nn.Module):
     """The U-Net of one FastDVDnet stage: three frames -> estimate of the reference frame."""
 
-    def __init__(self, in_channels: int, noise_map: bool, reference: int):
+    def __init__(self, in_channels: int, noise_map: bool, reference: int, channels: int = 64):
         super().__init__()
         per_frame = in_channels + int(noise_map)
+        w1, w2, w3 = channels // 2, channels, 2 * channels  # the three levels (32, 64, 128 in the paper)
         self.reference = reference
-        self.input = nn.Sequential(*conv_bn_relu(3 * per_frame, 3 * 30, groups=3), *conv_bn_relu(90, 32))
-        self.down1 = nn.Sequential(*conv_bn_relu(32, 64, stride=2), *conv_bn_relu(64, 64), *conv_bn_relu(64, 64))
-        self.down2 = nn.Sequential(*conv_bn_relu(64, 128, stride=2), *conv_bn_relu(128, 128),
-                                   *conv_bn_relu(128, 128))
-        self.up2 = nn.Sequential(*conv_bn_relu(128, 128), *conv_bn_relu(128, 128),
-                                 nn.Conv2d(128, 4 * 64, 3, padding=1, bias=False), nn.PixelShuffle(2))
-        self.up1 = nn.Sequential(*conv_bn_relu(64, 64), *conv_bn_relu(64, 64),
-                                 nn.Conv2d(64, 4 * 32, 3, padding=1, bias=False), nn.PixelShuffle(2))
-        self.output = nn.Sequential(*conv_bn_relu(32, 32), nn.Conv2d(32, in_channels, 3, padding=1, bias=False))
+        self.input = nn.Sequential(*conv_bn_relu(3 * per_frame, 3 * 30, groups=3), *conv_bn_relu(90, w1))
+        self.down1 = nn.Sequential(*conv_bn_relu(w1, w2, stride=2), *conv_bn_relu(w2, w2), *conv_bn_relu(w2, w2))
+        self.down2 = nn.Sequential(*conv_bn_relu(w2, w3, stride=2), *conv_bn_relu(w3, w3), *conv_bn_relu(w3, w3))
+        self.up2 = nn.Sequential(*conv_bn_relu(w3, w3), *conv_bn_relu(w3, w3),
+                                 nn.Conv2d(w3, 4 * w2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+        self.up1 = nn.Sequential(*conv_bn_relu(w2, w2), *conv_bn_relu(w2, w2),
+                                 nn.Conv2d(w2, 4 * w1, 3, padding=1, bias=False), nn.PixelShuffle(2))
+        self.output = nn.Sequential(*conv_bn_relu(w1, w1), nn.Conv2d(w1, in_channels, 3, padding=1, bias=False))
 
     def forward(self, frames: list[torch.Tensor], noise_map: torch.Tensor | None) -> torch.Tensor:
         """frames: three B×C×H×W tensors (H, W multiples of 4); noise_map: B×1×H×W or None."""
@@ -89,6 +91,7 @@ class FastDVDnet(VideoModel):
     Args:
         task: only ``denoise``.
         in_channels: image channels.
+        channels: width w of the middle U-Net level (64, the paper's; levels w/2, w, 2w).
         noise_sigma: None (blind, default) or the noise level on the 0-255 scale fed as a map.
         causal: True (default): window t-4..t, streamable; False: the original centred
             window t-2..t+2, whole clips only.
@@ -96,17 +99,19 @@ class FastDVDnet(VideoModel):
 
     is_recurrent = False
 
-    def __init__(self, task: str = "denoise", in_channels: int = 3, noise_sigma: float | None = None,
-                 causal: bool = True):
+    def __init__(self, task: str = "denoise", in_channels: int = 3, channels: int = 64,
+                 noise_sigma: float | None = None, causal: bool = True):
         super().__init__()
         if task != "denoise":
             raise ValueError(f"FastDVDnet baseline supports task 'denoise' only, got task {task!r}")
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if channels < 2 or channels % 2:
+            raise ValueError(f"channels (the middle U-Net width) must be even and >= 2, got {channels}")
         self.task, self.in_channels, self.noise_sigma, self.causal = task, in_channels, noise_sigma, causal
         reference = 2 if causal else 1  # newest frame of each triplet (causal) or the middle one
-        self.stage1 = DenoisingBlock(in_channels, noise_sigma is not None, reference)
-        self.stage2 = DenoisingBlock(in_channels, noise_sigma is not None, reference)
+        self.stage1 = DenoisingBlock(in_channels, noise_sigma is not None, reference, channels)
+        self.stage2 = DenoisingBlock(in_channels, noise_sigma is not None, reference, channels)
         he_init_(self)  # dampening (from VideoModel) has no effect: no recurrence
 
     @property

@@ -18,6 +18,8 @@ max-pool, 2x conv 128, max-pool, 2x conv 256, bilinear x2, 2x conv 128, bilinear
 2x conv 64, bilinear x2, conv 32, conv 2, then 24·tanh (displacements of at most 24 px, as
 in the public FRVSR/TecoGAN FNet). Inputs are padded (replicate) to a multiple of 8.
 SRNet: conv 2C -> 64 + ReLU, 10 residual blocks x + conv(relu(conv(x))), conv 64 -> C.
+``channels`` (64) is SRNet's width; FNet's widths scale with it (channels/2 .. 4·channels,
+the 32 .. 256 above at the paper's 64).
 
 Parameter count (C = 3, 3x3 convs with bias):
 FNet 6*32*9+32 = 1 760, 9 248, 18 496, 36 928, 73 856, 147 584, 295 168, 590 080,
@@ -66,12 +68,13 @@ def conv_pair(c_in: int, c_out: int) -> nn.Sequential:
 class FlowNet(nn.Module):
     """FNet: encoder-decoder from two frames to the backward flow of the second one."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, width: int = 32):
         super().__init__()
-        self.encoder = nn.ModuleList([conv_pair(2 * in_channels, 32), conv_pair(32, 64), conv_pair(64, 128)])
-        self.bottom = conv_pair(128, 256)
-        self.decoder = nn.ModuleList([conv_pair(256, 128), conv_pair(128, 64)])
-        self.out = nn.Sequential(conv3x3(64, 32), nn.LeakyReLU(0.2), conv3x3(32, 2))
+        w = width  # of the first stage: w, 2w, 4w, 8w down, 4w, 2w, w up (32 .. 256 in FRVSR)
+        self.encoder = nn.ModuleList([conv_pair(2 * in_channels, w), conv_pair(w, 2 * w), conv_pair(2 * w, 4 * w)])
+        self.bottom = conv_pair(4 * w, 8 * w)
+        self.decoder = nn.ModuleList([conv_pair(8 * w, 4 * w), conv_pair(4 * w, 2 * w)])
+        self.out = nn.Sequential(conv3x3(2 * w, w), nn.LeakyReLU(0.2), conv3x3(w, 2))
 
     def forward(self, previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         h, w = current.shape[-2:]
@@ -93,7 +96,7 @@ class FRVSR(VideoModel):
     Args:
         task: only ``denoise``.
         in_channels: image channels.
-        channels: SRNet width (64).
+        channels: SRNet width (64); FNet's first stage is channels // 2 wide.
         depth: number of SRNet residual blocks (10).
     """
 
@@ -103,10 +106,11 @@ class FRVSR(VideoModel):
         super().__init__()
         if task != "denoise":
             raise ValueError(f"FRVSR baseline supports task 'denoise' only, got task {task!r}")
-        if in_channels < 1 or channels < 1 or depth < 1:
-            raise ValueError(f"in_channels, channels, depth must be >= 1, got {in_channels}, {channels}, {depth}")
+        if in_channels < 1 or channels < 2 or depth < 1:
+            raise ValueError(f"need in_channels >= 1, channels >= 2, depth >= 1; "
+                             f"got {in_channels}, {channels}, {depth}")
         self.task, self.in_channels = task, in_channels
-        self.flow = FlowNet(in_channels)
+        self.flow = FlowNet(in_channels, channels // 2)
         self.head = conv3x3(2 * in_channels, channels)
         self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(depth))
         self.tail = conv3x3(channels, in_channels)
