@@ -26,6 +26,13 @@ torch.set_num_threads(1)  # tiny tensors: threads cost more than they give
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests (real runs in subprocesses) first, each file's tests in their order: under
+    pytest-xdist (``make test``: a file per worker) the long files start early and the quick ones fill in."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

@@ -87,6 +87,15 @@ def test_flat_hyper_parameters_of_older_checkpoints_are_read():
     assert model_differences(flat, nested()) == [("model.channels", 32, 8)]
 
 
+def test_a_baseline_saved_without_a_width_is_the_published_one():
+    """FastDVDnet/FRVSR/DBDNet configs gained ``channels`` (64, the published width): older checkpoints lack it."""
+    old = {"model": {"backbone": "dbdnet", "task": "denoise", "in_channels": 3, "norm": {"kind": "none"}}}
+    new = {"model": {**old["model"], "channels": 64}}
+    assert model_differences(old, new) == []
+    new["model"]["channels"] = 8
+    assert model_differences(old, new) == [("model.channels", 64, 8)]
+
+
 # ---------------------------------------------------------------- through the configs
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, smoke_cfg):

@@ -10,6 +10,7 @@ import torch
 
 from recstab.lit.launch import run_training
 from recstab.lit.module import VideoRestorationModule
+from recstab.report.tables import report
 
 
 def smoke(compose, tmp_path, overrides):
@@ -168,7 +169,7 @@ def test_module_refuses_a_model_without_target():
 def test_a_failing_job_leaves_the_sweep_running(tmp_path, run_script, launcher):
     """`-m` sweep of two Table 3 rows where the SRN-C one has an invalid map size (n=2 < the 3x3 kernel):
     the SRN job still trains, the SRN-C job writes failed.json naming its log, the sweep exits 0, and
-    src/report.py marks the SRN-C row failed and names the log."""
+    the report (what src/report.py writes) marks the SRN-C row failed and names the log."""
     result = run_script("train.py", [
         "-m", "sweep=table3", "debug=smoke", "row=srn_1.0_1.0,srnc_2.0_0.1", "++model.norm.n=2", "logger=csv",
         "callbacks.measure.trf=null", "callbacks.measure.onsets=null", "callbacks.measure.spectra_n=null",
@@ -182,10 +183,10 @@ def test_a_failing_job_leaves_the_sweep_running(tmp_path, run_script, launcher):
     assert failed["log"] == str(bad / "train.log") and "n=2 is smaller" in (bad / "train.log").read_text()
     assert "ValueError" in (bad / "traceback.txt").read_text()
 
-    report = run_script("report.py", ["sweep=table3", f"dir={tmp_path}", "wandb=false"], tmp_path)
-    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "report" / "table3.csv"))}
+    _, files = report("table3", tmp_path)  # what src/report.py writes
+    rows = {r["model"]: r for r in csv.DictReader(open(files["csv"]))}
     srnc, srn = rows["SRN-C α=2.0 β=0.1"], rows["SRN α=1.0 β=1.0"]
     assert (srnc["status"], srnc["failed"], srnc["runs"], srnc["psnr_7"]) == ("failed", "1", "0", "failed")
     assert srnc["failed_logs"] == str(bad / "train.log")
     assert (srn["status"], srn["runs"]) == ("ok", "1") and float(srn["psnr_7"]) > 0
-    assert f"log: {bad / 'train.log'}" in report.stdout
+    assert f"log: {bad / 'train.log'}" in files["markdown"].read_text()

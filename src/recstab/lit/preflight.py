@@ -98,7 +98,7 @@ def model_spec(config: dict) -> dict:
     kind ``none`` is just ``{"kind": "none"}`` (its other keys are unused).
     """
     if isinstance(config.get("model"), dict):
-        source = dict(config["model"])
+        source = {**_build_model_defaults(), **config["model"]}  # an absent key is build_model's default
         keys = [k for k in source if k not in NOT_MODEL and k != "norm"]
     else:
         source, keys = config, list(ARCHITECTURE)
@@ -110,6 +110,17 @@ def model_spec(config: dict) -> dict:
         norm = {"kind": "none"}
     spec.update({f"model.norm.{k}": v for k, v in norm.items()})
     return spec
+
+
+def _build_model_defaults() -> dict:
+    """``build_model``'s defaults of the architecture keys (e.g. ``channels`` of a baseline config saved before
+    the baselines had a width: 64, the published one)."""
+    import inspect
+
+    from recstab.models import build_model
+
+    parameters = inspect.signature(build_model).parameters
+    return {k: parameters[k].default for k in ARCHITECTURE if k in ("channels", "in_channels", "depth")}
 
 
 def model_differences(hparams: dict, module_cfg: dict) -> list[tuple[str, object, object]]:
