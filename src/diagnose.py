@@ -24,8 +24,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from recstab.models.interface import traits
-
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 log = logging.getLogger("diagnose")
 
@@ -71,6 +69,8 @@ def report_dir(cfg: DictConfig, out_dir: Path) -> Path:
     if not cfg.get("resume"):
         return out_dir
     import json
+
+    from recstab.diagnostics.report import SECTIONS
     runs = Path(cfg.paths.log_dir) / cfg.task_name
     candidates = []
     for path in runs.glob("**/report.json"):
@@ -78,7 +78,7 @@ def report_dir(cfg: DictConfig, out_dir: Path) -> Path:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if saved.get("name") == cfg.name and len(saved.get("sections", {})) < 5:  # a section never ran
+        if saved.get("name") == cfg.name and len(saved.get("sections", {})) < len(SECTIONS):  # one never ran
             candidates.append(path.parent)
     if not candidates:
         raise FileNotFoundError(f"resume=true but no unfinished report of name={cfg.name!r} under {runs}; "
@@ -105,14 +105,11 @@ def run_report(cfg: DictConfig, out_dir: Path, run=None):
         log.info("resuming the report in %s", out_dir)
     report = stability_report(
         model, out_dir, clean_frames=frames, name=cfg.name, sigma=float(cfg.task.sigma) / 255,
-        task=traits(model).task, trf_kwargs=OmegaConf.to_container(cfg.trf, resolve=True),
+        trf_kwargs=OmegaConf.to_container(cfg.trf, resolve=True),
         onset_kwargs=onset_kwargs, lyapunov_kwargs=lyapunov, spectra_n=int(cfg.spectra_n),
         burst=cfg.get("burst"), overlap=int(cfg.get("overlap") or 0), dampening=cfg.get("dampening"),
         resume=bool(cfg.get("resume")), run=run)
-    log.info("verdict: %s — %s", report.verdict, "; ".join(report.notes))
-    failed = {k: v["error"] for k, v in report.sections.items() if v["status"] == "failed"}
-    for key, error in failed.items():
-        log.error("section %s failed: %s", key, error)
+    log.info("verdict: %s — %s", report.verdict, "; ".join(report.notes))  # the notes name failed sections
     if report.onsets is not None:
         log.info("onsets: %d on %d frames (%d feedback divergences), deciles %s, %.1f fps", report.onsets.n_onsets,
                  report.onsets.frames, sum(report.onsets.divergent), report.onsets.deciles, report.onsets.fps)

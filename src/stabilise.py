@@ -63,26 +63,13 @@ SELECT = ("auto", "certified", "empirical")
 
 
 # ----------------------------------------------------------------------------------- measurements
-def loop_certificate(model):
-    """The model's loop certificate at its current dampening λ (``recstab.diagnostics.engine``: per-conv
-    factors from ``recstab.norms.conv_norm_bound``, valid on every frame size)."""
-    from recstab.diagnostics import engine
-    return engine.certificate(model)
-
-
-def certificate(model) -> tuple[float, str]:
-    """(L̂, the norm it holds in)."""
-    cert = loop_certificate(model)
-    return float(cert.bound), str(cert.norm)
-
-
-def lyapunov_clip(model, frames: int, size: int, sigma: float, seed: int = 0, video=None):
-    """1×T×C×size×size: the first ``frames`` frames of the bundled real videos (or ``video``), centre
-    crop, degraded as the onset test degrades them (``sigma`` on the 0-255 scale, noise seeded by (seed, i))."""
+def lyapunov_clip(model, frames: int, size: int, sigma: float, seed: int = 0):
+    """1×T×C×size×size: the first ``frames`` frames of the bundled real videos, centre crop, degraded
+    as the onset test degrades them (``sigma`` on the 0-255 scale, noise seeded by (seed, i))."""
     from recstab.data.long_video import LongVideo
     from recstab.diagnostics import engine
 
-    stream = video if video is not None else LongVideo(loop_to=frames, gray=int(model.in_channels) == 1)
+    stream = LongVideo(loop_to=frames, gray=int(model.in_channels) == 1)
     return engine.lyapunov_input(model, stream, frames, sigma=sigma / 255, seed=seed, size=size).clip
 
 
@@ -108,11 +95,11 @@ class Measurement:
 def measure(model, clip, dampening: float, *, trf: dict, burn_in: int) -> Measurement:
     """Certificate, λ₁ on ``clip`` and the TRF stress test of ``model`` with feature dampening λ,
     and the verdict of ``recstab.diagnostics.engine.decide`` on them."""
-    from recstab.diagnostics import engine
+    from recstab.diagnostics import engine, loop_certificate
     from recstab.models.dampening import evaluating
 
     with evaluating(model, dampening):
-        cert = loop_certificate(model)
+        cert = loop_certificate(model)  # at λ; per-conv factors from conv_norm_bound, every frame size
         lyap = engine.lyapunov(model, clip, burn_in=burn_in)
         result = engine.trf(model, **trf)
     verdict, _ = engine.decide(cert, result, None, lyap)
@@ -266,6 +253,8 @@ def _cell(m: Measurement, key: str, fmt: str) -> str:
 def write_report(out_dir: Path, title: str, before: Measurement, after: Measurement, extra: dict,
                  lines: list[str] | None = None) -> dict:
     """report.md (a before/after table) and report.json in ``out_dir``; returns the JSON dict."""
+    from recstab.diagnostics import engine
+
     out_dir.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", "", "| | before | after |", "|---|---|---|"]
     md += [f"| {label} | {_cell(before, key, fmt)} | {_cell(after, key, fmt)} |" for label, key, fmt in ROWS]
@@ -273,7 +262,7 @@ def write_report(out_dir: Path, title: str, before: Measurement, after: Measurem
     data = {"title": title, "before": {**asdict(before), "psnr_7": before.psnr_7},
             "after": {**asdict(after), "psnr_7": after.psnr_7}, **extra}
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
-    (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=engine.json_value))
     return data
 
 
@@ -293,9 +282,12 @@ def stabilise_dampening(module, clip, datamodule, cfg: DictConfig, out_dir: Path
     after = next((m for m in search.trials if m.dampening == search.chosen), None)
     if after is None:
         after = measure(module.model, clip, search.chosen, trf=trf, burn_in=ly["burn_in"])
-    before.psnr = validation_psnr(module.model, datamodule, 1.0, cfg.val_batches)
-    after.psnr = validation_psnr(module.model, datamodule, search.chosen, cfg.val_batches)
-    psnr_cert = validation_psnr(module.model, datamodule, search.certified, cfg.val_batches)  # the price of a proof
+    psnr = {}  # validation PSNR per λ (λ_chosen is often λ_cert or 1): each λ validated once
+    for lam in (1.0, search.chosen, search.certified):
+        if lam not in psnr:
+            psnr[lam] = validation_psnr(module.model, datamodule, lam, cfg.val_batches)
+    before.psnr, after.psnr = psnr[1.0], psnr[search.chosen]
+    psnr_cert = psnr[search.certified]  # the price of a proof
     new = copy.copy(ckpt)
     new["hyper_parameters"] = {**ckpt["hyper_parameters"], "dampening": search.chosen}
     import torch

@@ -217,7 +217,6 @@ def test_report_writes_its_files_and_an_unstable_verdict(tmp_path):
 
 def test_conv_spectra_measure_the_operator_and_skip_strided_convs():
     from recstab.diagnostics import conv_spectra
-    from recstab.norms import spectral_norm_fft, stable_rank
 
     net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 3, stride=2), nn.Conv2d(3, 2, 1))
     spectra = conv_spectra(net, 6)
@@ -230,9 +229,8 @@ def test_conv_spectra_measure_the_operator_and_skip_strided_convs():
     row = spectra.rows[0]
     assert row["sigma1"] == pytest.approx(float(sv[0]), rel=1e-9)
     assert row["srank"] == pytest.approx(float((sv ** 2).sum() / sv[0] ** 2), rel=1e-9)
-    assert row["srank"] == pytest.approx(stable_rank(w, 6), rel=1e-6)
     metrics = spectra.metrics()
-    assert metrics["spectra/0/sigma1"] == pytest.approx(spectral_norm_fft(w, 6))
+    assert metrics["spectra/0/sigma1"] == pytest.approx(float(sv[0]), rel=1e-9)
     assert metrics["spectra/convs"] == 2.0 and metrics["spectra/sigma1_max"] >= metrics["spectra/0/sigma1"]
 
 

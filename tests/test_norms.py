@@ -170,6 +170,22 @@ def operator_norm_and_srank(weight, n):
     return sv[0].item(), (sv.pow(2).sum() / sv[0] ** 2).item() / (n * n * min(weight.shape[:2]))
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_srnc_trains_on_grids_with_fewer_frequencies_than_it_tracks(n):
+    """n = 1, 2 (a 1×1 conv): 1 or 4 frequencies, fewer than the tracked candidates; ‖W‖₂ of a 1×1 conv is the
+    matrix norm of its weight."""
+    torch.manual_seed(0)
+    model = apply_norm(nn.Sequential(nn.Conv2d(3, 4, 1)), "srnc", alpha=1.5, beta=0.5, n=n)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(4):
+        loss = model(torch.rand(1, 3, 4, 4)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        weight = model[0].weight.detach().double()[:, :, 0, 0]
+        assert torch.linalg.matrix_norm(weight, 2).item() == pytest.approx(1.5, rel=1e-5)
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.1])
 def test_srnc_holds_at_every_step_of_a_plain_training_loop(beta):
     """apply_norm, then forward / backward / Adam — no refresh, no parametrize.cached(), He init."""

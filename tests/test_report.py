@@ -110,7 +110,7 @@ def test_report_cli_refuses_bad_arguments(tmp_path, run_script):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
-def test_report_builds_each_table_from_its_smoke_sweep(name, smoke_sweep):
+def test_report_builds_each_table_from_its_smoke_sweep(name, smoke_sweep, compose, sweep_jobs):
     """What `python src/report.py sweep=<name> dir=<sweep dir>` writes (the CLI itself: the tests below)."""
     sweep_dir = smoke_sweep(name)
     _, files = report(name, sweep_dir)
@@ -119,7 +119,7 @@ def test_report_builds_each_table_from_its_smoke_sweep(name, smoke_sweep):
     assert files["markdown"] == sweep_dir / "report" / f"{name}.md" and paper["title"] in md
     rows = list(csv.DictReader(open(sweep_dir / "report" / f"{name}.csv")))
     assert [r["model"] for r in rows] == [r["name"] for r in paper["rows"]]  # every run fills a paper row
-    jobs = sum(1 for run in sweep_dir.iterdir() if (run / "metrics.json").is_file())  # test_sweeps.py counts them
+    jobs = len(sweep_jobs(compose("train", [f"sweep={name}", "debug=smoke"])))  # the jobs the sweep file asks for
     filled = [r for r in rows if int(r["runs"])]
     assert len(filled) == jobs and sum(int(r["runs"]) for r in rows) == jobs  # one row per job
     for spec, row in zip(paper["rows"], rows):

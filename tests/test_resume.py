@@ -64,7 +64,7 @@ def interrupt_at(targets: dict) -> dict:
     return seen_at
 
 
-def finish(proc: subprocess.Popen, run_dir: Path) -> int:
+def finish(proc: subprocess.Popen) -> int:
     return proc.wait(timeout=300)
 
 
@@ -87,11 +87,11 @@ def runs(tmp_path_factory):
     seen = interrupt_at({killed: (procs[killed], k_kill, signal.SIGKILL),
                          termed: (procs[termed], k_term, signal.SIGTERM)})
     at_kill, at_term = seen[killed], seen[termed]
-    rcs = {d: finish(p, d) for d, p in procs.items()}
+    rcs = {d: finish(p) for d, p in procs.items()}
     interrupted = {"killed": (at_kill, rcs[killed], saved_step(killed / "checkpoints" / "last.ckpt")),
                    "termed": (at_term, rcs[termed], saved_step(termed / "checkpoints" / "interrupted.ckpt"))}
     resumed = {d: start(d, "resume=true") for d in (killed, termed)}
-    rcs.update({d: finish(p, d) for d, p in resumed.items()})
+    rcs.update({d: finish(p) for d, p in resumed.items()})
     return root, rcs, interrupted
 
 

@@ -346,9 +346,9 @@ def verdict_metrics(verdict: str) -> dict:
 
 
 def json_value(value):
-    """``json.dumps(..., default=json_value)``: numpy numbers and arrays as numbers and lists, paths and devices
-    as strings, anything else as its repr (the report and the sweep measurements write the same way)."""
-    if isinstance(value, (np.floating, np.integer)):
+    """``json.dumps(..., default=json_value)``: numpy scalars and arrays as numbers, booleans and lists, paths
+    and devices as strings, anything else as its repr (the reports and the sweep measurements write alike)."""
+    if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()

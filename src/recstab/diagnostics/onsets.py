@@ -108,7 +108,8 @@ class BurstProcessor(nn.Module):
             raise ValueError(f"burst must be >= 1 frame, got {burst}")
         if not 0 <= overlap < burst:
             raise ValueError(f"overlap must be in [0, burst) = [0, {burst}), got {overlap}")
-        if not traits(model).streamable:
+        known = traits(model)
+        if not known.streamable:
             raise ValueError(f"burst processing needs a streamable model with process(x, state); "
                              f"{type(model).__name__} is not")
         self.model = model
@@ -116,9 +117,7 @@ class BurstProcessor(nn.Module):
         self.stride = burst - overlap
         self.runners = math.ceil(burst / self.stride)
         self.period = self.runners * self.stride  # each runner restarts every `period` frames
-        self.in_channels = traits(model).in_channels
-        self.scale = traits(model).scale
-        self.task = traits(model).task
+        self.in_channels, self.scale, self.task = known.in_channels, known.scale, known.task
         self.streamable = True
 
     @property
@@ -476,7 +475,8 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
         raise ValueError(f"progress_every must be >= 1 frame, got {progress_every}")
     if resume and progress is None:
         raise ValueError("resume=True needs progress=<file> to resume from")
-    task = task or traits(model).task
+    known = traits(model)
+    task = task or known.task
     degrade = Degradation(task, sigma * 255.0)
     runner = model
     if burst is not None:
@@ -486,14 +486,14 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
     elif not callable(getattr(model, "process", None)):
         raise ValueError(f"{type(model).__name__} has no process(x, state) to stream with; "
                          "pass burst=<frames> to run it burst by burst instead")
-    elif not traits(model).streamable:
+    elif not known.streamable:
         raise ValueError(f"{type(model).__name__} is not streamable (bidirectional): the onset test "
                          "streams frames and needs a causal model with process(x, state)")
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
-    in_channels = traits(model).in_channels
-    used_dampening = traits(model).dampening if dampening is None else float(dampening)
+    in_channels = known.in_channels
+    used_dampening = known.dampening if dampening is None else float(dampening)
     settings = {"sigma": sigma, "task": task, "chunk": chunk, "seed": seed, "burst": burst,
                 "overlap": overlap, "dampening": used_dampening, "prefetch": prefetch}
     progress = None if progress is None else Path(progress)

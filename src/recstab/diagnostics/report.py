@@ -51,7 +51,7 @@ from torch import nn
 
 from recstab.diagnostics import engine
 from recstab.diagnostics.engine import VERDICTS, ConvSpectra, conv_spectra
-from recstab.diagnostics.onsets import BurstProcessor, OnsetResult
+from recstab.diagnostics.onsets import DIVERGENCE_RATIO, BurstProcessor, OnsetResult
 from recstab.diagnostics.trf import TRFResult
 from recstab.models.dampening import evaluating
 from recstab.models.interface import traits
@@ -350,9 +350,9 @@ def markdown(report: StabilityReport) -> str:
     if t is not None:
         lines += ["", f"Thresholds: TRF influence > {t.threshold:g} of the largest counts, unbounded needs it at x_-τ "
                   f"and outputs diverging at > {t.growth_tol:g}/frame (2 s.e.); an instability is a frame with "
-                  "PSNR < 0 dB or a non-finite output, a "
-                  "feedback divergence one whose output diverged (non-finite or |y| > 1e6) with the carried "
-                  "state and not from the initial state; certified when the bound is < 1."]
+                  "PSNR < 0 dB or a non-finite output, a feedback divergence one whose output with the carried "
+                  f"state is non-finite or over {DIVERGENCE_RATIO:g}× the output from the initial state; certified "
+                  "when the bound is < 1."]
     lines.append("")
     if report.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]

@@ -55,7 +55,7 @@ import math
 
 import torch
 
-from recstab.norms.spectra import check_kernel_and_n
+from recstab.norms.spectra import _blocks, check_kernel_and_n
 
 ROUNDING = 1e-9  # relative margin added for floating-point rounding (float64 SVD: ~1e-13)
 
@@ -77,20 +77,8 @@ def conv_norm_bound(weight: torch.Tensor, n: int = 64) -> float:
     if not torch.isfinite(weight).all():
         raise ValueError("weight has non-finite entries (nan or inf); no finite bound exists")
     w = weight.detach().to(torch.float64).cpu()
-    p = torch.arange(n, dtype=torch.float64)
-    q = torch.arange(n // 2 + 1, dtype=torch.float64)          # conjugate symmetry: q <= n/2 suffices
-    pp, qq = torch.meshgrid(p, q, indexing="ij")
-    keep = ((pp + qq) % 2 == 0) if n % 2 == 0 else torch.ones_like(pp, dtype=torch.bool)
-    pp, qq = pp[keep], qq[keep]
-    a = torch.arange(kh, dtype=torch.float64)
-    b = torch.arange(kw, dtype=torch.float64)
-    theta = 2 * math.pi * (pp[:, None, None] * a[None, :, None] + qq[:, None, None] * b[None, None, :]) / n
-    c_out, c_in = w.shape[:2]
-    taps = w.permute(2, 3, 0, 1).reshape(kh * kw, c_out * c_in)   # K̂(λ) = Σ_ab K_ab e^{-iθ_ab(λ)}:
-    real = torch.cos(theta).reshape(-1, kh * kw) @ taps              # two real matrix products
-    imag = -torch.sin(theta).reshape(-1, kh * kw) @ taps
-    blocks = torch.complex(real, imag).view(-1, c_out, c_in)
-    if c_out < c_in:
-        blocks = blocks.mH                                      # same singular values, tall is faster
-    top = torch.linalg.svdvals(blocks.contiguous())[:, 0].max().item()
+    p, q = torch.meshgrid(torch.arange(n), torch.arange(n // 2 + 1), indexing="ij")  # q <= n/2: conjugate symmetry
+    keep = ((p + q) % 2 == 0) if n % 2 == 0 else torch.ones_like(p, dtype=torch.bool)
+    blocks = _blocks(w, n)[keep]                                # K̂(λ) = Σ_ab K_ab e^{-iθ_ab(λ)}, tall
+    top = torch.linalg.svdvals(blocks)[:, 0].max().item()
     return top / math.cos(math.pi * degree / (2 * n)) * (1 + ROUNDING)

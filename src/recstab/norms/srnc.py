@@ -123,7 +123,7 @@ import math
 import torch
 
 from .sn import PowerIterationNorm, _same, check_beta, check_iters
-from .spectra import check_kernel
+from .spectra import _blocks, check_kernel
 
 INIT_ITERS = 20   # cold per-frequency power iterations of a fresh u
 TRACKED = 6       # frequencies per half whose block gets exact singular values each step
@@ -210,6 +210,8 @@ class ConvStableRankNorm(PowerIterationNorm):
         if part is not None:
             phase, u = phase[:, part], u[:, part]
         count = phase.shape[1]
+        if count == 0:  # the empty half of a 1×1 grid (n = 1)
+            return
         for _ in range(iters):
             modulated = (phase.conj()[:, None, :] * u[None]).reshape(-1, count)
             v, _ = _unit_columns(torch.view_as_complex((adjoint @ _real(modulated)).view(c_in, -1, 2)))
@@ -258,8 +260,8 @@ class ConvStableRankNorm(PowerIterationNorm):
         """‖K̂(f) − K̂_prev(f)‖_F for every frequency, from the kh·kw × kh·kw Gram matrix of the taps'
         change: Σ_{ab,a′b′} ⟨Δ_ab, Δ_a′b′⟩ e^{-iθ_ab} e^{+iθ_a′b′} (no block is formed)."""
         delta = (weight - previous).reshape(-1, weight.shape[2] * weight.shape[3])
-        gram = (delta.T @ delta).to(self.phases(weight).dtype)
         phase = self.phases(weight)
+        gram = (delta.T @ delta).to(phase.dtype)
         return (phase * (gram @ phase.conj())).sum(0).real.clamp_min(0.0).sqrt()
 
     # ------------------------------------------------------------------ state
@@ -279,54 +281,55 @@ class ConvStableRankNorm(PowerIterationNorm):
         if drift is not None:  # σ₁ moves by at most ‖ΔK̂(f)‖: examine the frequencies that could now lead
             priority = estimates + drift
             priority[index] = -math.inf
-            extra = priority.topk(self.tracked).indices
+            extra = priority.topk(min(self.tracked, self.freqs)).indices
             extra = extra[priority[extra] > values.max()]
             if len(extra):
                 extra_blocks = self.blocks(weight, extra)
                 index, blocks = torch.cat([index, extra]), torch.cat([blocks, extra_blocks])
                 values = torch.cat([values, _top_values(extra_blocks)])
         best, u, v, sigma = self.top_pair(blocks, values)
-        estimates = estimates.clone()
-        estimates[index] = values.to(estimates.dtype)  # exact where known (and for the κ candidates)
         g = self.direction(weight, int(index[best]), u, v)
         state = {"g": g, "best": index[best], "left": u, "target": None, "g2": None}
         if self.beta < 1:
+            estimates = estimates.clone()
+            estimates[index] = values.to(estimates.dtype)  # exact where known (for the κ candidates)
             g_sq = g.pow(2).sum()
             s1 = g / g_sq
-            s2 = weight / sigma.to(weight.dtype) - s1
+            kernel = weight / sigma.to(weight.dtype)
+            s2 = kernel - s1
             s1_sq, s2_sq = 1.0 / g_sq, s2.pow(2).sum().clamp_min(1e-30)
             bm = self.beta * min(weight.shape[0], weight.shape[1])
-            if bm < (weight / sigma.to(weight.dtype)).pow(2).sum():  # the constraint binds
-                order = torch.cat([index[best:best + 1], index[:best], index[best + 1:]])  # f* first
-                state.update(self.shrink(weight, estimates / sigma, order, s1, s2, s1_sq, s2_sq, bm, sigma))
+            if bm < kernel.pow(2).sum():  # the constraint binds
+                state.update(self.shrink(weight, estimates / sigma, int(index[best]), s1, s1_sq, s2_sq, bm, sigma))
         return state
 
-    def shrink(self, weight, k_values, index, s1, s2, s1_sq, s2_sq, bm, sigma) -> dict:
+    def shrink(self, weight, k_values, star: int, s1, s1_sq, s2_sq, bm, sigma) -> dict:
         """κ = ‖W(S1 + γ(κ)S2)‖₂ by fixed-point iteration, on the frequencies where K′ can be largest.
 
         ‖K̂′(f)‖ ≤ (1 − γ)‖Ŝ1(f)‖ + γ‖K̃̂(f)‖, and Ŝ1(f) = (D(f − f*)·u*v*ᴴ + D(f + f*)·conj(u*)v*ᵀ)/(2‖G‖²)
         with D(h) = Σ_ab e^{-iθ_ab(h)}, so ‖Ŝ1(f)‖ ≤ (|D(f − f*)| + |D(f + f*)|)/(2‖G‖²) =: c(f). The
-        candidates: the tracked frequencies `index` (largest σ₁(K̃̂)) and the TRACKED largest of
-        (1 − γ)c(f) + γ·k_values(f) (k_values ≈ σ₁(K̃̂(f))), which adds the neighbourhood of ±f* —
-        where S1 lives, and where K′ peaks when f* is close to a self-conjugate frequency.
+        candidates: f* (flat index `star`) and its grid neighbours, where S1 lives and where K′ peaks
+        when f* is close to a self-conjugate frequency, and the TRACKED + 1 largest of the bound
+        (1 − γ)c(f) + γ·k_values(f) (k_values ≈ σ₁(K̃̂(f)), so the largest σ₁(K̃̂) are among them).
         """
         phase = self.phases(weight)
-        star = phase[:, index[0]]
-        c = ((phase * star.conj()[:, None]).sum(0).abs() + (phase * star[:, None]).sum(0).abs()) * s1_sq / 2
+        at_star = phase[:, star]
+        c = ((phase * at_star.conj()[:, None]).sum(0).abs() + (phase * at_star[:, None]).sum(0).abs()) * s1_sq / 2
         kappa = self._kappa
         gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
         score = (1 - gamma) * c + gamma * k_values
-        chosen = torch.cat([self.window(int(index[0]), weight.device),
+        chosen = torch.cat([self.window(star, weight.device),
                             score.topk(min(self.tracked + 1, self.freqs)).indices]).unique()
         s1_hat, k_hat = self.blocks(s1, chosen), self.blocks(weight, chosen) / sigma
         for _ in range(KAPPA_ITERS):
             gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
             shrunk = (1 - gamma) * s1_hat + gamma * k_hat
-            new, kappa = kappa, float(_top_values(shrunk).max())
+            tops = _top_values(shrunk)
+            new, kappa = kappa, float(tops.max())
             if abs(kappa - new) <= KAPPA_TOL * kappa:
                 break
         self._kappa = kappa
-        best, u, v, _ = self.top_pair(shrunk)
+        best, u, v, _ = self.top_pair(shrunk, tops)
         return {"target": float(((bm * kappa**2 - s1_sq).clamp_min(0.0)).sqrt()),
                 "g2": self.direction(weight, int(chosen[best]), u, v)}
 
@@ -352,9 +355,11 @@ class ConvStableRankNorm(PowerIterationNorm):
             self._halves = (index[parity == 0], index[parity == 1])
         return self._halves
 
-    def _settle(self, weight: torch.Tensor, estimates: torch.Tensor | None = None,
-                drift: torch.Tensor | None = None) -> None:
-        self._state = self.state(weight, self._estimates if estimates is None else estimates, drift)
+    def _settle(self, weight: torch.Tensor, drift: torch.Tensor | None = None) -> None:
+        self._set_state(self.state(weight, self._estimates, drift))
+
+    def _set_state(self, state: dict) -> None:
+        self._state = state
         u = torch.view_as_complex(self.u)
         u[:, self._state["best"]] = self._state["left"].to(u.dtype)  # the exact vector as a warm start
 
@@ -366,15 +371,12 @@ class ConvStableRankNorm(PowerIterationNorm):
         """The state from the exact spectrum (all frequencies), cached per kernel value."""
         if self._exact is None or not _same(self._exact[0], weight):
             w = weight.detach()
-            blocks = torch.fft.rfft2(w, s=(self.n, self.n)).permute(2, 3, 0, 1).reshape(self.freqs, *w.shape[:2])
-            self._exact = (w.clone(), self.state(w, _top_values(blocks)))
+            self._exact = (w.clone(), self.state(w, _top_values(_blocks(w, self.n).flatten(0, 1))))
         return self._exact[1]
 
     def exact_vectors(self, weight: torch.Tensor) -> None:
         self.power_iteration(weight, INIT_ITERS)
-        self._state = self.exact_state(weight)
-        u = torch.view_as_complex(self.u)
-        u[:, self._state["best"]] = self._state["left"].to(u.dtype)
+        self._set_state(self.exact_state(weight))
 
     def refresh(self, weight: torch.Tensor, iters: int = 50, exact: bool = True) -> None:
         """exact: INIT_ITERS batched iterations on u, then the exact state (cached for eval);

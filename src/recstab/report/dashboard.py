@@ -23,7 +23,7 @@ import math
 import os
 from pathlib import Path
 
-from recstab.report.tables import Table
+from recstab.report.tables import Table, comparison_rows
 
 PSNR_COLUMNS = ("psnr_7", "psnr_mean", "psnr_1", "long_psnr")
 
@@ -73,18 +73,6 @@ def _cell(value):
     return value
 
 
-def comparison_rows(table: Table) -> tuple[list[str], list[list]]:
-    """Columns and data of the comparison wandb.Table (ours and the paper's side by side)."""
-    columns = ["model", "runs", "failed", "status"] + [x for c in table.columns for x in (c, f"paper_{c}")]
-    data = []
-    for row in table.rows:
-        cells = [row["name"], row["runs"], row["failed"], row["status"]]
-        for c in table.columns:
-            cells += [_cell(row["ours"][c]), _cell(row["paper"][c])]
-        data.append(cells)
-    return columns, data
-
-
 def log_report(table: Table, files: dict, dir: Path, group: str | None = None, project: str = "recstab",
                tags: list | None = None, name: str | None = None):
     """Log the report as a ``job_type="report"`` W&B run of the sweep's group; return the run's folder.
@@ -101,7 +89,7 @@ def log_report(table: Table, files: dict, dir: Path, group: str | None = None, p
                      name=name or f"{table.sweep}-report", tags=list(tags or [table.sweep]), dir=str(dir),
                      config={"sweep": table.sweep, "title": table.title, "columns": table.columns})
     try:
-        columns, data = comparison_rows(table)
+        columns, data = comparison_rows(table, _cell)  # ∞ as text, NaN as empty
         run.log({"comparison": wandb.Table(columns=columns, data=data, allow_mixed_types=True)})
         rows = verdicts(table)
         keys = list(rows[0]) if rows else ["model"]

@@ -326,18 +326,23 @@ def render_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_rows(table: Table, cell=lambda value: value) -> tuple[list[str], list[list]]:
+    """The table as (columns, rows), ours beside the paper's: model, runs, failed, status, then ``<c>``,
+    ``paper_<c>`` for every column, each value through ``cell`` (the CSV's and the W&B table's formats)."""
+    columns = ["model", "runs", "failed", "status"] + [x for c in table.columns for x in (c, f"paper_{c}")]
+    data = [[row["name"], row["runs"], row["failed"], row["status"]]
+            + [cell(row[side][c]) for c in table.columns for side in ("ours", "paper")] for row in table.rows]
+    return columns, data
+
+
 def write_csv(table: Table, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    columns, data = comparison_rows(table, _raw)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "runs", "failed", "status"] + [x for c in table.columns for x in (c, f"paper_{c}")]
-                        + ["run_dirs", "failed_logs"])
-        for row in table.rows:
-            values = [row["ours"][c] for c in table.columns]
-            papers = [row["paper"][c] for c in table.columns]
-            writer.writerow([row["name"], row["runs"], row["failed"], row["status"]]
-                            + [x for v, p in zip(values, papers) for x in (_raw(v), _raw(p))]
-                            + [";".join(row["dirs"]), ";".join(str(p) for p in row["logs"])])
+        writer.writerow(columns + ["run_dirs", "failed_logs"])
+        for row, cells in zip(table.rows, data):
+            writer.writerow(cells + [";".join(row["dirs"]), ";".join(str(p) for p in row["logs"])])
     return path
 
 
@@ -356,7 +361,9 @@ def draw_figure(table: Table, runs: list[Run], paper: dict, path: Path) -> Path 
         return None
     if spec["kind"] == "stability_trajectory":  # the stability monitor's metrics against the step, per run
         from recstab.report.trajectory import draw_trajectories
-        return draw_trajectories({run.name: run.path for run in runs}, path, table.title)
+        names = [run.name for run in runs]  # runs of one name (seeds, several dirs) keep a curve each
+        labels = [f"{run.name} ({run.path.name})" if names.count(run.name) > 1 else run.name for run in runs]
+        return draw_trajectories(dict(zip(labels, (run.path for run in runs))), path, table.title)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
