@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -31,9 +32,21 @@ RUN = ["debug=smoke", "logger=csv", f"trainer.max_steps={STEPS}", f"trainer.val_
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "src" / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",  # tests/ on the path: SigtermAt
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     log = open(run_dir / "stderr.txt", "a")  # the interrupted run's output, then the resumed run's
     return subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+class SigtermAt(L.Callback):
+    """Sends its own process SIGTERM as training step ``step`` starts: a preemption at a chosen step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def saved_step(path: Path) -> int:
@@ -128,6 +141,20 @@ def test_resumed_run_matches_the_uninterrupted_one(runs, name):
     assert a.keys() == b.keys() and "train/loss" in a and "val/psnr_mean" in a and "test/psnr_mean" in a
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_sigterm_on_the_last_batch_of_an_epoch_resumes_exactly(runs):
+    """9 clips in batches of 2: step 10 ends an epoch, where Lightning would stop only after the epoch end
+    (a checkpoint from there resumed one batch into the next epoch, then skipped the rest of it)."""
+    root, _, _ = runs
+    run = root / "epoch_end"
+    assert finish(start(run, "+callbacks.sigterm._target_=test_resume.SigtermAt", "+callbacks.sigterm.step=10")) == 0
+    log = (run / "stderr.txt").read_text()
+    assert "SIGTERM: stopped after step 10 " in log, log[-3000:]
+    assert finish(start(run, "resume=true")) == 0, (run / "stderr.txt").read_text()[-3000:]
+    delta = max_diff(weights(root / "full" / "checkpoints" / "last.ckpt"), weights(run / "checkpoints" / "last.ckpt"))
+    assert delta <= 1e-6, f"max |dw| = {delta}"
 
 
 # ---------------------------------------------------------------- in-process pieces

@@ -35,6 +35,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,13 @@ class RandomState(L.Callback):
             self._pending = None
 
 
+def _last_step(trainer) -> bool:
+    """This step ends training (max_steps, or the last batch of the last epoch): Lightning just stops."""
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    return trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+
+
 def preempt_signal() -> signal.Signals:
     """The signal submitit sends before preempting or timing out a job (``SUBMITIT_PREEMPT_SIGNAL``)."""
     name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
@@ -102,7 +110,8 @@ class StepBoundarySignals(L.Callback):
     handler records it; at the end of the current training step the callback saves
     ``<dirpath>/last.ckpt`` and then calls the original handler (which requeues
     the job and exits). Installed when training starts (after Lightning's own signal
-    handlers), removed when it ends.
+    handlers), removed when it ends. A SIGTERM on the last batch of an epoch also stops at that
+    step's end (Lightning's own stop would come after the epoch end, see on_train_batch_end).
     """
 
     def __init__(self, dirpath: str, signals: list[str] | None = None):
@@ -132,6 +141,11 @@ class StepBoundarySignals(L.Callback):
         self._received.append((signum, frame))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm and batch_idx + 1 == trainer.num_training_batches and not _last_step(trainer):
+            # Lightning defers a SIGTERM on an epoch's last batch until after the epoch end; a checkpoint
+            # taken there resumes one batch into the next epoch and skips the rest of it. Stop here, at the
+            # step boundary where last.ckpt is taken too (and which resumes exactly).
+            raise SIGTERMException()
         if not self._received:
             return
         path = self.dirpath / "last.ckpt"
