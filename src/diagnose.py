@@ -1,7 +1,7 @@
 """Diagnose one model, or draw Figure 2: ``python src/diagnose.py [key=value ...]``.
 
     python src/diagnose.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
-    python src/diagnose.py recurrence=feat norm=srnc model.norm.alpha=0.5 model.norm.beta=1.0
+    python src/diagnose.py recurrence=feat norm=srnc norm.alpha=0.5 norm.beta=1.0
     python src/diagnose.py experiment=paper row=srnc_2.0_0.1     # the untrained model of that run
     python src/diagnose.py experiment=fig2
 
@@ -48,16 +48,16 @@ def load_model(cfg: DictConfig):
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
         from recstab.lit.module import VideoRestorationModule
         module = VideoRestorationModule.load_from_checkpoint(str(path), map_location="cpu")
-        model, norm = module.model, module.norm
+        model = module.model
         if cfg.get("dampening") is None and "dampening" in module.hparams:
             model.dampening = float(module.hparams.dampening)
     else:
+        from recstab.norms import make_norm
         torch.manual_seed(int(cfg.seed))
-        model = hydra.utils.instantiate(cfg.model, _convert_="all")
-        norm = OmegaConf.to_container(cfg.model.norm, resolve=True) if cfg.model.get("norm") else {}
-    if norm.get("kind", "none") != "none":  # exact power-iteration vectors before measuring anything
-        from recstab.norms import refresh
-        refresh(model)
+        model = make_norm(OmegaConf.to_container(cfg.norm, resolve=True))(
+            hydra.utils.instantiate(cfg.model, _convert_="all"))
+    from recstab.norms import refresh
+    refresh(model)  # exact power-iteration vectors before measuring anything (a no-op without a norm)
     return model.to(pick_device(cfg.device)).eval()
 
 

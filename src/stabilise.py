@@ -174,8 +174,8 @@ def normalised_module(hparams: dict, state_dict: dict, norm: dict, **overrides):
     from recstab.lit.module import VideoRestorationModule
     from recstab.norms import refresh
 
-    model = {**dict(hparams["model"]), "norm": dict(norm)}
-    module = VideoRestorationModule(**{**hparams, "model": model, **overrides})
+    model = {k: v for k, v in dict(hparams["model"]).items() if k != "norm"}  # recstab 0.1 kept the norm there
+    module = VideoRestorationModule(**{**hparams, "model": model, "norm": dict(norm), **overrides})
     target = module.state_dict()
     mapped, missing = {}, []
     for key in target:
@@ -337,7 +337,7 @@ def stabilise_finetune(module, clip, datamodule, data_cfg: dict, cfg: DictConfig
              "", "Right after loading the kernels into the normalised model (before any step): "
              f"PSNR_7 {at_load.psnr_7:.2f} dB, {at_load.verdict}, L̂ {at_load.bound:.3g}, "
              f"λ₁ {at_load.lyapunov:+.3f}.", "", f"checkpoint: `{ckpt_out}`"]
-    return write_report(out_dir, f"SRN-C fine-tuning ({norm.get('kind')} α={norm.get('alpha')} "
+    return write_report(out_dir, f"Fine-tuning ({norm.get('name')} α={norm.get('alpha')} "
                                  f"β={norm.get('beta')}, {int(f.steps)} steps)", before, after,
                         {"at_load": {**asdict(at_load), "psnr_7": at_load.psnr_7}, "norm": norm,
                          "steps": int(f.steps), "checkpoint": str(ckpt_out), "data": data_cfg}, lines)
@@ -359,9 +359,8 @@ def stabilise(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(int(cfg.seed))
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     module = VideoRestorationModule.load_from_checkpoint(str(path), map_location="cpu")
-    if module.norm.get("kind", "none") != "none":
-        from recstab.norms import refresh
-        refresh(module.model)
+    from recstab.norms import refresh
+    refresh(module.model)  # exact power-iteration vectors (a no-op without a norm)
     module.eval()
     hp = dict(module.hparams)
     datamodule, data_cfg = make_datamodule(cfg, hp, path)

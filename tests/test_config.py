@@ -22,20 +22,20 @@ def test_help_lists_the_groups(tmp_path, run_script):
 
 
 def test_cfg_job_of_a_paper_row(tmp_path, run_script):
-    """`--cfg job` of `experiment=paper row=srnc_2.0_0.1`: the model node owns the norm of the row."""
+    """`--cfg job` of `experiment=paper row=srnc_2.0_0.1`: the norm group holds the row's norm, the module gets it."""
     result = run_script("train.py", ["experiment=paper", "row=srnc_2.0_0.1", "--cfg", "job"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     cfg = OmegaConf.create(result.stdout)
     assert cfg.model._target_ == "recstab.models.build_model" and cfg.model.init == "he"
-    assert (cfg.model.norm.kind, cfg.model.norm.alpha, cfg.model.norm.beta) == ("srnc", 2.0, 0.1)
+    assert (cfg.norm._target_, cfg.norm.alpha, cfg.norm.beta) == ("recstab.norms.SRNC", 2.0, 0.1)
     assert (cfg.row, cfg.model.channels, cfg.trainer.max_steps) == ("srnc_2.0_0.1", 64, 600000)
-    assert "norm" not in cfg  # one place for the norm: model.norm
+    assert cfg.module.norm == cfg.norm and "norm" not in cfg.model  # one place for the norm: the norm group
 
 
 def test_default_model_config(compose):
     cfg = compose("train", [])
-    assert cfg.model.init == "near_identity" and OmegaConf.to_container(cfg.model.norm) == {"kind": "none"}
-    assert cfg.module.model == cfg.model and cfg.module._recursive_ is False
+    assert cfg.model.init == "near_identity" and cfg.norm.name == "none"
+    assert cfg.module.model == cfg.model and cfg.module.norm == cfg.norm and cfg.module._recursive_ is False
     assert cfg.callbacks.onset_test.long_video == cfg.long_video  # one long-video stream, one group
 
 
@@ -45,16 +45,17 @@ def test_paper_experiments_use_he_init(compose):
     assert compose("diagnose", ["experiment=fig2"]).model.init == "he"
 
 
-def test_norm_values_live_under_model_norm(compose):
-    cfg = compose("train", ["norm=srnc", "model.norm.alpha=0.5", "model.norm.beta=1"])
-    assert (cfg.model.norm.kind, cfg.model.norm.alpha, cfg.model.norm.beta, cfg.model.norm.n) == ("srnc", 0.5, 1, 64)
-    with pytest.raises(Exception, match="norm.alpha"):  # the old spelling is refused, not silently ignored
-        compose("train", ["norm=srnc", "norm.alpha=0.5"])
+def test_norm_values_are_set_as_the_user_types_them(compose):
+    cfg = compose("train", ["model=vresnet", "recurrence=feat", "norm=srnc", "norm.alpha=2", "norm.beta=0.1"])
+    assert (cfg.norm.name, cfg.norm.alpha, cfg.norm.beta, cfg.norm.n) == ("srnc", 2, 0.1, 64)
+    assert cfg.run_name == "vresnet-feat-denoise-srnc"
+    with pytest.raises(Exception, match="norm.alfa"):  # a misspelt key is refused, not silently ignored
+        compose("train", ["norm=srnc", "norm.alfa=0.5"])
 
 
 def test_a_row_overrides_the_experiment_and_a_value_the_row(compose):
-    cfg = compose("train", ["experiment=appendix_g", "row=srnc_1.0_1.0", "model.norm.beta=0.5"])
-    assert (cfg.model.backbone, cfg.model.depth, cfg.model.norm.kind, cfg.model.norm.alpha, cfg.model.norm.beta) \
+    cfg = compose("train", ["experiment=appendix_g", "row=srnc_1.0_1.0", "norm.beta=0.5"])
+    assert (cfg.model.backbone, cfg.model.depth, cfg.norm.name, cfg.norm.alpha, cfg.norm.beta) \
         == ("vdncnn", 1, "srnc", 1.0, 0.5)
 
 
@@ -65,14 +66,14 @@ def test_every_row_is_a_single_run_at_the_papers_scale(compose, row):
     name = row.removesuffix("_loop")
     if name.startswith(("srnc_", "srn_")):
         kind, alpha, beta = name.split("_")
-        assert (cfg.model.norm.kind, cfg.model.norm.alpha, cfg.model.norm.beta) == (kind, float(alpha), float(beta))
-        assert cfg.model.norm.get("loop_only", False) is row.endswith("_loop")
+        assert (cfg.norm.name, cfg.norm.alpha, cfg.norm.beta) == (kind, float(alpha), float(beta))
+        assert cfg.norm.get("loop_only", False) is row.endswith("_loop")
     elif row in ("vdncnn_frame", "vdncnn_feat", "vdncnn_rlsp", "vresnet_frame", "vresnet_feat", "vresnet_rlsp"):
-        assert f"{cfg.model.backbone}_{cfg.recurrence.name}" == row and cfg.model.norm.kind == "none"
+        assert f"{cfg.model.backbone}_{cfg.recurrence.name}" == row and cfg.norm.name == "none"
     elif row in ("fastdvdnet", "frvsr", "dbdnet", "bm3d"):
         assert cfg.model.backbone == row
     else:
-        assert cfg.model.norm.kind == "none"  # unconstrained, and Fig. 9's burst rows
+        assert cfg.norm.name == "none"  # unconstrained, and Fig. 9's burst rows
 
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
@@ -80,12 +81,13 @@ def test_every_model_config_instantiates_with_its_norm(compose, model):
     if model == "bm3d":
         pytest.importorskip("bm3d")
     paper_model = model in ("vdncnn", "vresnet")  # the baselines have a fixed architecture (no width)
-    extra = ["norm=srnc", "model.norm.n=8", "model.channels=4"] if paper_model else []
-    built = instantiate(compose("train", [f"model={model}", *extra]).model, _convert_="all")
+    extra = ["norm=srnc", "norm.n=8", "model.channels=4"] if paper_model else []
+    cfg = compose("train", [f"model={model}", *extra])
+    built = instantiate(cfg.norm)(instantiate(cfg.model, _convert_="all"))
     assert built.task == "denoise" and built.in_channels == 3
     if paper_model:
         assert built.channels == 4 and built.backbone_name == model
-        assert any("parametrizations" in name for name, _ in built.named_parameters())  # model.norm applied
+        assert any("parametrizations" in name for name, _ in built.named_parameters())  # the norm applied
 
 
 def test_diagnose_composes_the_training_groups(compose):
@@ -103,7 +105,7 @@ def test_diagnose_builds_the_configured_model(compose):
     spec = importlib.util.spec_from_file_location("diagnose_cli", CONF.parent / "src" / "diagnose.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    cfg = compose("diagnose", ["row=srnc_1.0_1.0", "model.channels=4", "model.norm.n=8", "device=cpu"])
+    cfg = compose("diagnose", ["row=srnc_1.0_1.0", "model.channels=4", "norm.n=8", "device=cpu"])
     model = cli.load_model(cfg)
     conv = model.body.head
     # SRN-C alpha=1 on an 8x8 circular map, refreshed: the exact operator norm of the head conv is 1

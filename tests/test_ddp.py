@@ -28,8 +28,8 @@ class DumpState(L.Callback):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_srnc_buffers_identical(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "trainer=ddp", "debug=smoke", "norm=srnc", "model.norm.alpha=2.0",
-           "model.norm.beta=0.1", "model.norm.n=16", "logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=2",
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "trainer=ddp", "debug=smoke", "norm=srnc", "norm.alpha=2.0",
+           "norm.beta=0.1", "norm.n=16", "logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=2",
            f"hydra.run.dir={run}", "+callbacks.dump._target_=test_ddp.DumpState", f"+callbacks.dump.out={run / 'dump'}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}

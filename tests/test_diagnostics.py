@@ -340,8 +340,8 @@ def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, tw
              f"long_video.paths_or_folder={two_videos_dir}", "long_video.loop_to=null", "spectra_n=8",
              "lyapunov.frames=20", "lyapunov.size=8", "lyapunov.burn_in=5",
              "wandb.enabled=false", f"paths.log_dir={tmp_path}"]
-    report = cli.run_report(compose("diagnose", small + ["norm=srnc", "model.norm.alpha=0.5", "model.norm.beta=1.0",
-                                                         "model.norm.n=8"]), tmp_path / "cfg")
+    report = cli.run_report(compose("diagnose", small + ["norm=srnc", "norm.alpha=0.5", "norm.beta=1.0",
+                                                         "norm.n=8"]), tmp_path / "cfg")
     assert report.verdict == "certified stable" and (tmp_path / "cfg" / "report.md").exists()
 
     module = VideoRestorationModule(model={"_target_": "recstab.models.build_model", "backbone": "vresnet",

@@ -17,8 +17,8 @@ def test_laptop_sweep_composes_unconstrained_hard_and_soft(compose, sweep_jobs):
     norms = []
     for overrides in sweep_jobs(cfg):
         job = compose("train", ["sweep=laptop", *overrides])
-        norm = job.model.norm
-        norms.append((norm.kind, norm.get("alpha"), norm.get("beta")))
+        norm = job.norm
+        norms.append((norm.name, norm.get("alpha"), norm.get("beta")))
         assert (job.model.backbone, job.recurrence.name, job.task.name) == ("vresnet", "rlsp", "denoise")
         assert job.callbacks.step_timer._target_ == "recstab.lit.step_timer.StepTimer"
         assert job.callbacks.trf_monitor.every_n_val_epochs == 1
@@ -75,12 +75,12 @@ def test_laptop_report_columns_show_the_stability_numbers(tmp_path):
     from recstab.report.tables import Run, build_table, render_markdown
 
     def run(norm, metrics):
-        cfg = OmegaConf.create({"model": {"backbone": "vresnet", "norm": norm}, "recurrence": {"name": "feat"}})
+        cfg = OmegaConf.create({"model": {"backbone": "vresnet"}, "norm": norm, "recurrence": {"name": "feat"}})
         return Run(tmp_path, cfg, metrics, str(norm))
-    runs = [run({"kind": "none"}, {"test/psnr_7": 28.45, "stability/verdict": "empirically stable",
+    runs = [run({"name": "none"}, {"test/psnr_7": 28.45, "stability/verdict": "empirically stable",
                                    "stability/bound": 12.6, "stability/lyapunov": -0.545,
                                    "stability/trf_growth_rate": -0.739, "speed/train_step_cpu_s": 1.234}),
-            run({"kind": "srnc", "alpha": 0.5, "beta": 1.0}, {"test/psnr_7": 27.9, "stability/verdict": "certified stable",
+            run({"name": "srnc", "alpha": 0.5, "beta": 1.0}, {"test/psnr_7": 27.9, "stability/verdict": "certified stable",
                                                               "stability/bound": 0.26})]
     table = build_table("laptop", runs)
     ours = {row["name"]: row["ours"] for row in table.rows}

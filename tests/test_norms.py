@@ -479,14 +479,21 @@ def test_loop_only_uses_recurrent_convs_and_explicit_modules():
         apply_norm(plain, "sn", modules=[plain.head], loop_only=True)
 
 
-def test_norm_configs_match_apply_norm():
+def test_norm_configs_instantiate_the_norm_that_apply_norm_builds_by_name():
+    import hydra
     from omegaconf import OmegaConf
     for kind in NORM_KINDS:
-        cfg = OmegaConf.load(os.path.join(CONF, f"{kind}.yaml"))
-        assert "kind" in cfg and set(cfg) <= {"kind", "alpha", "beta", "n", "power_iters", "loop_only"}
-        assert cfg.kind == kind
-        model = apply_norm(TinyRecurrent(), **cfg)
-        assert len(normalised_convs(model)) == (0 if kind == "none" else 4)
+        cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, f"{kind}.yaml")))
+        norm = hydra.utils.instantiate({**cfg, "n": 8} if kind == "srnc" else cfg)
+        assert norm.name == kind and cfg["_target_"].endswith(type(norm).__name__)
+        torch.manual_seed(0)
+        by_config = norm(TinyRecurrent())
+        torch.manual_seed(0)
+        settings = {k: v for k, v in cfg.items() if k not in ("_target_", "name")} | ({"n": 8} if kind == "srnc" else {})
+        by_name = apply_norm(TinyRecurrent(), kind, **settings)
+        assert len(normalised_convs(by_config)) == len(normalised_convs(by_name)) == (0 if kind == "none" else 4)
+        x = torch.rand(1, 2, 3, 8, 8)
+        assert torch.equal(by_config.eval()(x), by_name.eval()(x))
 
 
 # ---------------------------------------------------------------- bad input

@@ -10,14 +10,15 @@ from recstab.lit.preflight import (MissingCheckpointError, PreflightError, check
                                    check_compatible, check_writable, model_differences, read_checkpoint)
 
 MODEL = {"backbone": "vresnet", "recurrence": "feat", "task": "denoise", "channels": 8, "in_channels": 3,
-         "depth": None, "init": "he", "norm": {"kind": "srnc", "alpha": 2.0, "beta": 0.1, "n": 16,
-                                              "power_iters": 1, "loop_only": False}}
+         "depth": None, "init": "he"}
+NORM = {"_target_": "recstab.norms.SRNC", "name": "srnc", "alpha": 2.0, "beta": 0.1, "n": 16, "power_iters": 1,
+        "loop_only": False}
 
 
 def nested(**changes) -> dict:
+    """Module hyper-parameters: the model config and the norm config (what src/train.py saves)."""
     model = {**MODEL, **{k: v for k, v in changes.items() if k != "norm"}}
-    model["norm"] = {**MODEL["norm"], **changes.get("norm", {})}
-    return {"model": model, "lr": 1e-3, "loss": "mse"}
+    return {"model": model, "norm": {**NORM, **changes.get("norm", {})}, "lr": 1e-3, "loss": "mse"}
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +60,8 @@ def test_missing_directory_garbage_and_foreign_checkpoints(tmp_path):
     ({"recurrence": "rlsp"}, "model.recurrence", "rlsp", "feat"),
     ({"channels": 16}, "model.channels", 16, 8),
     ({"task": "sr2"}, "model.task", "sr2", "denoise"),
-    ({"norm": {"n": 64}}, "model.norm.n", 64, 16),
-    ({"norm": {"kind": "sn"}}, "model.norm.kind", "sn", "srnc"),
+    ({"norm": {"n": 64}}, "norm.n", 64, 16),
+    ({"norm": {"name": "sn"}}, "norm.name", "sn", "srnc"),
 ])
 def test_another_model_names_both_sides(change, key, saved, wanted):
     hparams = nested(**change)
@@ -70,7 +71,7 @@ def test_another_model_names_both_sides(change, key, saved, wanted):
     message = str(error.value)
     assert f"{key}: checkpoint {saved!r}, config {wanted!r}" in message
     assert "ckpt_path='/runs/x/last.ckpt' holds another model" in message
-    override = f"norm={saved}" if key == "model.norm.kind" else f"{key}={saved}"
+    override = f"norm={saved}" if key == "norm.name" else f"{key}={saved}"
     assert override in message  # the override that would match the checkpoint
 
 
@@ -78,19 +79,24 @@ def test_same_model_with_other_training_settings_is_accepted():
     hparams = nested(init="near_identity")
     hparams["lr"] = 1e-5
     check_compatible(hparams, nested(), "x.ckpt")
-    unnormalised = nested(norm={"kind": "none", "n": 64})  # an unused n does not matter
-    assert model_differences(unnormalised, nested(norm={"kind": "none", "n": 16})) == []
+    unnormalised = nested(norm={"name": "none", "n": 64})  # an unused n does not matter
+    assert model_differences(unnormalised, nested(norm={"name": "none", "n": 16})) == []
 
 
-def test_flat_hyper_parameters_of_older_checkpoints_are_read():
-    flat = {k: v for k, v in MODEL.items() if k != "norm"} | {"norm": dict(MODEL["norm"]), "channels": 32}
+def test_hyper_parameters_of_older_checkpoints_are_read():
+    """recstab 0.1 kept the norm in the model config (with a ``kind``); older ones had flat hyper-parameters."""
+    old_norm = {"kind": "srnc"} | {k: v for k, v in NORM.items() if k not in ("_target_", "name")}
+    in_model = {"model": {**MODEL, "norm": old_norm}, "lr": 1e-3}
+    assert model_differences(in_model, nested()) == []
+    assert model_differences(in_model, nested(norm={"alpha": 1.0})) == [("norm.alpha", 2.0, 1.0)]
+    flat = MODEL | {"norm": old_norm, "channels": 32}
     assert model_differences(flat, nested()) == [("model.channels", 32, 8)]
 
 
 def test_a_baseline_saved_without_a_width_is_the_published_one():
     """FastDVDnet/FRVSR/DBDNet configs gained ``channels`` (64, the published width): older checkpoints lack it."""
-    old = {"model": {"backbone": "dbdnet", "task": "denoise", "in_channels": 3, "norm": {"kind": "none"}}}
-    new = {"model": {**old["model"], "channels": 64}}
+    old = {"model": {"backbone": "dbdnet", "task": "denoise", "in_channels": 3}, "norm": {"name": "none"}}
+    new = {"model": {**old["model"], "channels": 64}, "norm": {"name": "none"}}
     assert model_differences(old, new) == []
     new["model"]["channels"] = 8
     assert model_differences(old, new) == [("model.channels", 64, 8)]
@@ -101,17 +107,17 @@ def test_a_baseline_saved_without_a_width_is_the_published_one():
 def trained(tmp_path_factory, smoke_cfg):
     """One real smoke run (SRN-C, n=16): its last.ckpt is the checkpoint of the tests below."""
     run_dir = tmp_path_factory.mktemp("pre") / "run"
-    run_training(smoke_cfg(run_dir, ["norm=srnc", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    run_training(smoke_cfg(run_dir, ["norm=srnc", "norm.n=16", "trainer.max_steps=2", "trainer.val_check_interval=2",
                                        "test=false"]))
     return run_dir / "checkpoints" / "last.ckpt"
 
 
 def test_real_checkpoint_passes_and_another_n_fails_before_training(trained, tmp_path, smoke_cfg):
-    cfg = smoke_cfg(tmp_path / "ok", ["norm=srnc", f"ckpt_path={trained}"])
+    cfg = smoke_cfg(tmp_path / "ok", ["norm=srnc", "norm.n=16", f"ckpt_path={trained}"])
     assert preflight(cfg) == str(trained)
     check_checkpoint(trained, OmegaConf.to_container(cfg.module, resolve=True))
-    cfg = smoke_cfg(tmp_path / "bad", ["norm=srnc", "model.norm.n=32", f"ckpt_path={trained}"])
-    with pytest.raises(PreflightError, match="model.norm.n: checkpoint 16, config 32"):
+    cfg = smoke_cfg(tmp_path / "bad", ["norm=srnc", "norm.n=32", f"ckpt_path={trained}"])
+    with pytest.raises(PreflightError, match="norm.n: checkpoint 16, config 32"):
         run_training(cfg)
     assert not (tmp_path / "bad" / "checkpoints" / "last.ckpt").exists()
 
@@ -126,7 +132,7 @@ def test_stale_interrupted_checkpoint_of_another_model_is_refused(trained, tmp_p
         run_training(cfg)
     message = str(error.value)
     assert f"'{stale}' holds another model" in message and "resume=true" in message
-    assert "(model.norm.kind: checkpoint 'srnc', config 'none')" in message  # the other norm keys are moot
+    assert "(norm.name: checkpoint 'srnc', config 'none')" in message  # the other norm keys are moot
     assert "norm=srnc" in message
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["interrupted.ckpt"]
 

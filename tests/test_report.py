@@ -14,13 +14,13 @@ SWEEPS = ["table1", "table2", "table3", "table4", "table5", "table6", "table7", 
 
 PAPER = {"title": "T", "columns": ["psnr_7", "onset_d1", "onset_d9", "trf", "stable"],
          "notes": ["a note"],
-         "rows": [{"name": "A", "match": {"norm": {"kind": "srnc", "alpha": 2.0}}, "psnr_7": 35.59,
+         "rows": [{"name": "A", "match": {"norm": {"name": "srnc", "alpha": 2.0}}, "psnr_7": 35.59,
                    "onset_d1": math.inf, "onset_d9": math.inf, "trf": "bounded", "stable": True},
-                  {"name": "B", "match": {"norm": {"kind": "none"}}, "psnr_7": 35.74, "onset_d1": 29, "onset_d9": 75}]}
+                  {"name": "B", "match": {"norm": {"name": "none"}}, "psnr_7": 35.74, "onset_d1": 29, "onset_d9": 75}]}
 
 
 def fake_run(kind, alpha, metrics, name="r", failure=None):
-    config = OmegaConf.create({"norm": {"kind": kind, "alpha": alpha}, "run_name": name})
+    config = OmegaConf.create({"norm": {"name": kind, "alpha": alpha}, "run_name": name})
     return Run(Path(f"/runs/{name}"), config, metrics, name, failure=failure)
 
 
@@ -75,7 +75,7 @@ def test_a_row_whose_jobs_failed_is_marked_failed_and_names_the_log(tmp_path):
 def test_collect_keeps_failed_jobs(tmp_path):
     run = tmp_path / "0_f"
     (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"norm": {"kind": "srnc"}, "run_name": "f"}), run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"norm": {"name": "srnc"}, "run_name": "f"}), run / ".hydra" / "config.yaml")
     (run / "failed.json").write_text(json.dumps({"error": "ValueError: bad", "log": str(run / "train.log")}))
     (runs,) = collect_runs(tmp_path)
     assert runs.failure["error"] == "ValueError: bad" and runs.notes == []
@@ -85,7 +85,7 @@ def test_collect_reads_metrics_measurements_and_csv(tmp_path):
     run = tmp_path / "0_a"
     (run / ".hydra").mkdir(parents=True)
     (run / "csv").mkdir()
-    OmegaConf.save(OmegaConf.create({"norm": {"kind": "none"}, "run_name": "a",
+    OmegaConf.save(OmegaConf.create({"norm": {"name": "none"}, "run_name": "a",
                                      "paths": {"output_dir": "${hydra:runtime.output_dir}"}}), run / ".hydra" / "config.yaml")
     (run / "metrics.json").write_text(json.dumps({"test/psnr_7": 33.0}))
     (run / "measurements.json").write_text(json.dumps({"metrics": {"long/onset_d1": 12.0}, "device": {"device_name": "X"}}))
@@ -149,7 +149,7 @@ def test_report_defaults_to_the_newest_sweep_dir(smoke_sweep, run_script, tmp_pa
 def test_report_function_writes_markdown_csv(tmp_path):
     run = tmp_path / "sweep" / "0_x"
     (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"model": {"backbone": "vresnet", "norm": {"kind": "none"}},
+    OmegaConf.save(OmegaConf.create({"model": {"backbone": "vresnet"}, "norm": {"name": "none"},
                                      "recurrence": {"name": "feat"}, "run_name": "x"}), run / ".hydra" / "config.yaml")
     (run / "metrics.json").write_text(json.dumps({"test/psnr_7": 30.5}))
     table, files = report("table2", [tmp_path / "sweep"], tmp_path / "out")
@@ -186,8 +186,8 @@ def test_measurements_force_the_configured_dampening_and_write_json(tmp_path):
     from recstab.lit.module import VideoRestorationModule
     from recstab.report import TableMeasurements
 
-    module = VideoRestorationModule(model=tiny_model(norm={"kind": "srnc", "alpha": 0.5, "beta": 1.0, "n": 8}),
-                                    frames=3, dampening=1.0)
+    module = VideoRestorationModule(model=tiny_model(), norm={"_target_": "recstab.norms.SRNC", "alpha": 0.5,
+                                                              "beta": 1.0, "n": 8}, frames=3, dampening=1.0)
     callback = TableMeasurements(spectra_n=8, trf={"frames": 5, "size": 8, "iters": 2}, dampening=0.0,
                                  onsets={"video": "scenes", "sigma": 30, "chunk": 4,
                                          "scenes": {"n_distinct": 2, "total_frames": 8, "size": 16, "repeats": 2}},
@@ -259,9 +259,9 @@ def test_report_logs_an_offline_wandb_report_run_to_the_sweeps_group(tmp_path, r
     the comparison table (ours and the paper's side by side) and the per-row verdicts."""
     sweep = tmp_path / "sweep"
     base = {"recurrence": {"name": "feat"}, "task": {"name": "denoise"}, "group": "table2"}
-    _write_run(sweep / "0_a", {**base, "model": {"backbone": "vresnet", "norm": {"kind": "none"}}, "run_name": "a"},
+    _write_run(sweep / "0_a", {**base, "model": {"backbone": "vresnet"}, "norm": {"name": "none"}, "run_name": "a"},
                {"test/psnr_7": 30.5, "long/onset_d1": 12.0, "long/onset_d9": 40.0})
-    _write_run(sweep / "1_b", {**base, "model": {"backbone": "vdncnn", "norm": {"kind": "none"}}, "run_name": "b"},
+    _write_run(sweep / "1_b", {**base, "model": {"backbone": "vdncnn"}, "norm": {"name": "none"}, "run_name": "b"},
                failure={"error": "ValueError: bad", "log": str(sweep / "1_b" / "train.log")})
     result = run_script("report.py", ["sweep=table2", f"dir={sweep}"], tmp_path, env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -105,9 +105,9 @@ def test_search_refuses_bad_settings():
 def test_plain_weights_load_into_a_normalised_module_with_converged_vectors():
     from recstab.norms import conv_singular_values
     module = he_module()
-    norm = {"kind": "srnc", "alpha": 1.0, "beta": 1.0, "n": 16}
+    norm = {"_target_": "recstab.norms.SRNC", "name": "srnc", "alpha": 1.0, "beta": 1.0, "n": 16}
     tuned = S.normalised_module(dict(module.hparams), module.state_dict(), norm)
-    assert tuned.hparams.model["norm"]["kind"] == "srnc" and tuned.norm["kind"] == "srnc"
+    assert tuned.hparams.norm["name"] == "srnc" and "norm" not in tuned.hparams.model
     conv = tuned.model.body.blocks[0].convs()[0]
     raw = conv.parametrizations.weight.original
     assert torch.equal(raw, module.model.body.blocks[0].convs()[0].weight)
@@ -140,7 +140,7 @@ def test_cli_writes_both_reports_and_loadable_checkpoints(tmp_path):
             assert loaded.hparams.dampening == data["after"]["dampening"] < 1
             assert data["after"]["verdict"] != "proven unstable"
         else:
-            assert loaded.norm["kind"] == "srnc" and loaded.norm["alpha"] == 0.9
+            assert loaded.hparams.norm["name"] == "srnc" and loaded.hparams.norm["alpha"] == 0.9
             assert data["after"]["certified"] and data["after"]["verdict"] == "certified stable"
 
 

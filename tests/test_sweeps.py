@@ -118,8 +118,8 @@ def test_sweep_composes_at_the_papers_scale(name, compose, sweep_jobs):
 def test_table6_rows_constrain_the_loop_only(compose, sweep_jobs):
     cfg = compose("train", ["sweep=table6"])
     for overrides in sweep_jobs(cfg):
-        norm = compose("train", ["sweep=table6", *overrides]).model.norm
-        assert (norm.kind, norm.alpha, norm.loop_only) == ("srnc", 3.0, True)
+        norm = compose("train", ["sweep=table6", *overrides]).norm
+        assert (norm.name, norm.alpha, norm.loop_only) == ("srnc", 3.0, True)
 
 
 def test_evaluation_sweeps_require_a_checkpoint(compose):
@@ -182,10 +182,10 @@ def test_whole_sweep_runs_under_smoke(name, smoke_sweep):
             assert "long/onset_d1" in metrics and (run / "measure" / "long_psnr.npy").is_file()
         if name == "table4":
             assert "test/lpips_7" in json.loads((run / "metrics.json").read_text())
-        norm = config.model.norm
-        if norm.kind == "srnc" and not norm.get("loop_only") and config.callbacks.measure.spectra_n is not None:
+        norm = config.norm
+        if norm.name == "srnc" and not norm.get("loop_only") and config.callbacks.measure.spectra_n is not None:
             # SRN-C holds every conv's operator norm at alpha
-            assert math.isclose(metrics["spectra/sigma1_max"], config.model.norm.alpha, rel_tol=0.05)
+            assert math.isclose(metrics["spectra/sigma1_max"], norm.alpha, rel_tol=0.05)
 
 
 @pytest.mark.slow

@@ -24,6 +24,26 @@ def train_cli(run_script, tmp_path, *overrides, env=None):
 
 
 @pytest.mark.slow
+def test_the_users_command_line_verbatim_trains_srnc_with_its_alpha_and_beta(tmp_path, run_script):
+    """`python src/train.py model=vresnet recurrence=feat norm=srnc norm.alpha=2 norm.beta=0.1` (+ debug=smoke):
+    every conv of the trained VResNet-feat carries SRN-C with alpha 2, beta 0.1, and its operator norm is 2."""
+    from recstab.norms import ConvStableRankNorm, conv_singular_values, normalised_convs
+
+    words = "model=vresnet recurrence=feat norm=srnc norm.alpha=2 norm.beta=0.1".split()
+    result = train_cli(run_script, tmp_path, *words, "logger=csv")
+    assert result.returncode == 0, result.stderr[-4000:]
+    module = VideoRestorationModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    model = module.model.eval()
+    assert (model.backbone_name, model.connection.name) == ("vresnet", "feat")
+    convs = normalised_convs(model)
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 12
+    for name, conv, norm in convs:
+        assert isinstance(norm, ConvStableRankNorm) and (norm.alpha, norm.beta) == (2.0, 0.1), name
+        sigma1 = conv_singular_values(conv.weight.detach(), n=norm.n)[0]
+        assert float(sigma1) == pytest.approx(2.0, rel=0.01), name
+
+
+@pytest.mark.slow
 def test_cli_default_dataset_trains_and_leaves_everything(tmp_path, run_script):
     """`python src/train.py debug=smoke`: checkpoint, metrics, figures and an offline W&B run."""
     result = train_cli(run_script, tmp_path, env={"WANDB_MODE": "offline"})
@@ -101,14 +121,14 @@ def test_a_short_training_beats_the_noisy_input(compose, tmp_path):
     assert metrics["test/psnr_mean"] > 20 * math.log10(255 / 30) + 1.0
 
 
-@pytest.mark.parametrize("norm", [["norm=srnc", "model.norm.alpha=2", "model.norm.beta=0.1"], ["norm=sn"],
-                                  ["norm=srn", "model.norm.alpha=1", "model.norm.beta=1"]])
+@pytest.mark.parametrize("norm", [["norm=srnc", "norm.alpha=2", "norm.beta=0.1"], ["norm=sn"],
+                                  ["norm=srn", "norm.alpha=1", "norm.beta=1"]])
 def test_normalised_models_train_through_the_configs(compose, tmp_path, norm):
     cfg = smoke(compose, tmp_path, ["model=vresnet", "recurrence=feat", "logger=csv", *norm])
     metrics = run_training(cfg)
     assert math.isfinite(metrics["test/psnr_mean"])
     module = VideoRestorationModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert module.hparams.model["norm"]["kind"] == module.norm["kind"] == norm[0].split("=")[1]
+    assert module.hparams.norm["name"] == norm[0].split("=")[1] and "norm" not in module.hparams.model
     assert any("parametrizations" in name for name, _ in module.named_parameters())
 
 
@@ -171,7 +191,7 @@ def test_a_failing_job_leaves_the_sweep_running(tmp_path, run_script, launcher):
     the SRN job still trains, the SRN-C job writes failed.json naming its log, the sweep exits 0, and
     the report (what src/report.py writes) marks the SRN-C row failed and names the log."""
     result = run_script("train.py", [
-        "-m", "sweep=table3", "debug=smoke", "row=srn_1.0_1.0,srnc_2.0_0.1", "++model.norm.n=2", "logger=csv",
+        "-m", "sweep=table3", "debug=smoke", "row=srn_1.0_1.0,srnc_2.0_0.1", "norm.n=2", "logger=csv",
         "callbacks.measure.trf=null", "callbacks.measure.onsets=null", "callbacks.measure.spectra_n=null",
         f"hydra/launcher={launcher}", *(["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []),
         f"hydra.sweep.dir={tmp_path}"], tmp_path)

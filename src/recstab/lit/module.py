@@ -1,12 +1,12 @@
 """The LightningModule: back-propagation through time over a clip, per-frame metrics.
 
 ``VideoRestorationModule`` takes the model's config — a plain dict with a ``_target_``
-(``conf/model/*.yaml``: ``{"_target_": "recstab.models.build_model", "backbone": "vresnet",
-..., "norm": {"kind": "srnc", "alpha": 2.0, ...}}``) — instantiates it with
-``hydra.utils.instantiate`` and calls ``save_hyperparameters()``, so
-``VideoRestorationModule.load_from_checkpoint(path)`` rebuilds the model anywhere, without
-a Hydra app. The weight normalisation is part of the model config and applied when the
-model is built, before any state dict is loaded, so its buffers load with it.
+(``conf/model/*.yaml``: ``{"_target_": "recstab.models.build_model", "backbone": "vresnet", ...}``)
+— and the weight normalisation's (``conf/norm/*.yaml``: ``{"_target_": "recstab.norms.SRNC",
+"alpha": 2.0, ...}``), instantiates both with ``hydra.utils.instantiate`` and calls
+``save_hyperparameters()``, so ``VideoRestorationModule.load_from_checkpoint(path)`` rebuilds the
+model anywhere, without a Hydra app. The norm is applied when the model is built, before any
+state dict is loaded, so its buffers load with it.
 
 One training step unrolls the recurrent model over the whole clip (7 frames for
 Vimeo-90k) and back-propagates through time. The step runs under
@@ -25,11 +25,13 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.utils import parametrize
 from torchmetrics import MeanMetric
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from recstab.models.dampening import evaluating
+from recstab.norms import make_norm, normalised_convs, refresh
 
 LOSSES = ("mse", "l1", "charbonnier")
 
@@ -44,8 +46,6 @@ def restoration_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor) 
 
 def model_config(model) -> dict:
     """The model config as a plain dict with a ``_target_`` (``None``: build_model's defaults)."""
-    from omegaconf import DictConfig, OmegaConf
-
     if model is None:
         return {"_target_": "recstab.models.build_model"}
     if isinstance(model, DictConfig):
@@ -61,10 +61,11 @@ class VideoRestorationModule(L.LightningModule):
 
     Args:
         model: the model config, instantiated with ``hydra.utils.instantiate``: ``_target_``
-            (``recstab.models.build_model``) and its keyword arguments — backbone, recurrence,
-            task, channels, in_channels, depth, init, and ``norm`` (keyword arguments of
-            :func:`recstab.norms.apply_norm`, ``{"kind": "srnc", "alpha": 2, ...}``). A DictConfig
+            (``recstab.models.build_model`` or a model class) and its keyword arguments. A DictConfig
             is resolved to a plain dict. ``None``: ``build_model``'s defaults.
+        norm: the weight normalisation config (``conf/norm/*.yaml``: ``{"_target_": "recstab.norms.SRNC",
+            "alpha": 2, ...}``), instantiated and applied to the model before any state dict loads
+            (:func:`recstab.norms.make_norm`; ``None``: unconstrained).
         frames: clip length T of the evaluation clips (the number of per-frame PSNR metrics).
         loss: ``mse`` (the paper), ``l1`` or ``charbonnier``.
         lr, betas, weight_decay: Adam.
@@ -76,7 +77,7 @@ class VideoRestorationModule(L.LightningModule):
         lpips: also compute LPIPS on the last frame of the test clips (``test/lpips_7``).
     """
 
-    def __init__(self, model: dict | None = None, frames: int = 7, loss: str = "mse", lr: float = 1e-4,
+    def __init__(self, model: dict | None = None, norm: dict | None = None, frames: int = 7, loss: str = "mse", lr: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  lr_schedule: str = "constant", dampening: float = 1.0, refresh_iters: int = 20,
                  lpips: bool = False):
@@ -88,9 +89,10 @@ class VideoRestorationModule(L.LightningModule):
         if frames < 1:
             raise ValueError(f"clip length (frames) must be >= 1, got {frames}")
         model = model_config(model)
+        if isinstance(norm, DictConfig):
+            norm = OmegaConf.to_container(norm, resolve=True)
         self.save_hyperparameters()  # the plain-dict model config: checkpoints load without Hydra
-        self.model = hydra.utils.instantiate(model, _convert_="all")
-        self.norm = dict(model.get("norm") or {"kind": "none"})
+        self.model = make_norm(norm)(hydra.utils.instantiate(model, _convert_="all"))
         self.frame_psnr = torch.nn.ModuleDict({
             split: torch.nn.ModuleList(MeanMetric() for _ in range(frames)) for split in ("val", "test")})
         self.test_lpips = None  # built in on_test_start: AlexNet stays out of checkpoints
@@ -137,8 +139,7 @@ class VideoRestorationModule(L.LightningModule):
             object.__setattr__(self, "test_lpips", make_lpips_metric().to(self.device))
 
     def _refresh_norms(self) -> None:
-        if self.hparams.refresh_iters > 0 and self.norm.get("kind", "none") != "none":
-            from recstab.norms import refresh
+        if self.hparams.refresh_iters > 0 and normalised_convs(self.model):
             refresh(self.model, iters=self.hparams.refresh_iters)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ for and what the place or the checkpoint has.
   one the config builds. The state dict is determined by the model config (every
   key but ``init``; for older, flat hyper-parameters the ``ARCHITECTURE`` keys) and,
   for a normalised model, every key of ``norm`` (``n`` sets the shape of the SRN-C
-  power-iteration buffers; ``kind``, ``alpha``, ``beta`` and ``loop_only`` decide
+  power-iteration buffers; ``name``, ``alpha``, ``beta`` and ``loop_only`` decide
   which convs are parametrised and how). The initialisation
   and the training keys (learning rate, loss, schedule) may differ: loading
   replaces the initial weights, and resuming with a new learning rate is legitimate.
@@ -91,24 +91,25 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict:
 def model_spec(config: dict) -> dict:
     """The model-defining values of a module config or of a checkpoint's hyper-parameters.
 
-    Two layouts are read: the model config nested under ``model`` (``{"model": {"_target_":
-    ..., "backbone": ..., "norm": {...}}}``: every key but ``init`` counts) and the flat one
-    of older checkpoints (the ``ARCHITECTURE`` keys and ``norm`` at the top level). Keys are
-    named as the current config sets them (``model.channels``, ``model.norm.n``); a norm of
-    kind ``none`` is just ``{"kind": "none"}`` (its other keys are unused).
+    Three layouts are read: the model config under ``model`` and the norm config under ``norm``
+    (``{"model": {"_target_": ..., "backbone": ...}, "norm": {"_target_": ..., "name": "srnc", ...}}``:
+    every key but ``init`` counts), the norm nested in the model config (``model.norm``, with a
+    ``kind``: checkpoints of recstab 0.1), and the flat one of older checkpoints (the ``ARCHITECTURE``
+    keys and ``norm`` at the top level). Keys are named as the user sets them (``model.channels``,
+    ``norm.n``); the unconstrained model's norm is just ``{"name": "none"}``.
     """
     if isinstance(config.get("model"), dict):
         source = {**_build_model_defaults(), **config["model"]}  # an absent key is build_model's default
         keys = [k for k in source if k not in NOT_MODEL and k != "norm"]
+        norm = config.get("norm") if isinstance(config.get("norm"), dict) else source.get("norm")
     else:
-        source, keys = config, list(ARCHITECTURE)
+        source, keys, norm = config, list(ARCHITECTURE), config.get("norm")
     spec = {f"model.{k}": source.get(k) for k in keys}
     if isinstance(spec.get("model.recurrence"), dict):  # a connection config: its name identifies it
         spec["model.recurrence"] = spec["model.recurrence"].get("name")
-    norm = dict(source.get("norm") or {"kind": "none"})
-    if norm.get("kind", "none") == "none":
-        norm = {"kind": "none"}
-    spec.update({f"model.norm.{k}": v for k, v in norm.items()})
+    norm = {k: v for k, v in dict(norm or {}).items() if k not in ("_target_", "kind")} | {
+        "name": (norm or {}).get("name", (norm or {}).get("kind", "none"))}
+    spec.update({f"norm.{k}": v for k, v in norm.items()} if norm["name"] != "none" else {"norm.name": "none"})
     return spec
 
 
@@ -127,10 +128,10 @@ def model_differences(hparams: dict, module_cfg: dict) -> list[tuple[str, object
     """``(config key, checkpoint value, config value)`` for every model-defining value that differs."""
     saved, wanted = model_spec(hparams), model_spec(module_cfg)
     keys = list(wanted) + [k for k in saved if k not in wanted]
-    if saved.get("model.norm.kind") != wanted.get("model.norm.kind"):  # another norm: its kind says it all
-        keys = [k for k in keys if not k.startswith("model.norm.") or k == "model.norm.kind"]
+    if saved.get("norm.name") != wanted.get("norm.name"):  # another norm: its name says it all
+        keys = [k for k in keys if not k.startswith("norm.") or k == "norm.name"]
     if not (isinstance(hparams.get("model"), dict) and isinstance(module_cfg.get("model"), dict)):
-        keys = [k for k in keys if k.startswith("model.norm.") or k[len("model."):] in ARCHITECTURE]
+        keys = [k for k in keys if k.startswith("norm.") or k[len("model."):] in ARCHITECTURE]
     return [(k, saved.get(k), wanted.get(k)) for k in keys if saved.get(k) != wanted.get(k)]
 
 
@@ -140,7 +141,7 @@ def check_compatible(hparams: dict, module_cfg: dict, path: str | os.PathLike, k
     if not diffs:
         return
     listed = "; ".join(f"{k}: checkpoint {old!r}, config {new!r}" for k, old, new in diffs)
-    overrides = " ".join(f"norm={old}" if k == "model.norm.kind" else f"{k}={'null' if old is None else old}"
+    overrides = " ".join(f"norm={old}" if k == "norm.name" else f"{k}={'null' if old is None else old}"
                          for k, old, _ in diffs)
     raise PreflightError(
         f"{key}={str(path)!r} holds another model than the config builds ({listed}). Its weights cannot "

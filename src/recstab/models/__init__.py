@@ -32,7 +32,7 @@ def _baselines() -> dict:
 
 def build_model(backbone: str = "vresnet", recurrence: str | TemporalConnection = "feat", task: str = "denoise",
                 channels: int = 64, in_channels: int = 3, depth: int | None = None, init: str = "he",
-                norm: dict | None = None) -> VideoModel:
+                norm=None) -> VideoModel:
     """Build a video restoration model with the sequence API ``model(x)`` / ``model.process(x, state)``.
 
     ``backbone`` is ``vdncnn`` or ``vresnet`` (then ``recurrence`` picks the temporal
@@ -41,9 +41,10 @@ def build_model(backbone: str = "vresnet", recurrence: str | TemporalConnection 
     ``recurrence`` is ignored). ``init``: ``he``
     (He-normal, the paper's Fig. 2 setting) or ``near_identity`` (the same with the tail
     scaled by 0.1, so that the residual model starts close to the identity and training
-    does not spend its first steps undoing a large random correction). ``norm``: keyword
-    arguments of :func:`recstab.norms.apply_norm` (``{"kind": "srnc", "alpha": 2, ...}``),
-    applied to the built model; ``None`` or kind ``none`` leaves it unconstrained.
+    does not spend its first steps undoing a large random correction). ``norm``: a weight
+    normalisation object (``recstab.norms.SRNC(alpha=2, beta=0.1)``, what ``conf/norm/*.yaml``
+    instantiates), applied to the built model with ``norm(model)``; a dict is read by
+    :func:`recstab.norms.make_norm`; ``None`` leaves it unconstrained.
     """
     baselines = _baselines()
     if backbone in baselines:
@@ -53,10 +54,9 @@ def build_model(backbone: str = "vresnet", recurrence: str | TemporalConnection 
         raise ValueError(f"unknown backbone {backbone!r}; valid backbones: {valid}")
     else:
         model = RecurrentVideoModel(backbone, recurrence, task, channels, in_channels, depth, init)
-    norm = dict(norm or {})
-    if norm.get("kind", "none") != "none":
-        from recstab.norms import apply_norm
-        apply_norm(model, **norm)
+    if norm is not None:
+        from recstab.norms import make_norm  # models do not depend on norms at import
+        model = make_norm(norm)(model)
     return model
 
 

@@ -7,7 +7,7 @@ A sweep file ``sweeps/<name>.yaml`` holds, next to its Hydra sweep, a ``paper:``
       columns: [psnr_7, onset_d1, onset_d9, trf, sigma1, srank]
       rows:
         - name: "SRN-C α=2.0 β=0.1"
-          match: {model: {norm: {kind: srnc, alpha: 2.0, beta: 0.1}}}   # config values that pick its runs
+          match: {norm: {name: srnc, alpha: 2.0, beta: 0.1}}   # config values that pick its runs
           psnr_7: 35.59
           onset_d1: .inf
           ...
