@@ -239,6 +239,10 @@ def test_rlsp_cell_chain_certificate_and_verdicts(tmp_path):
     assert contracted.bound == pytest.approx(0.5) and contracted.verdict == "certified stable"
     assert contracted.lyapunov.exponent < math.log(0.5) + 1e-9  # a contraction by 0.5 forgets at least that fast
 
+    from recstab.norms import apply_norm  # stabilising your own model: SRN-C on the declared loop convs
+    normalised = apply_norm(build("rlsp", gain=3.0), "srnc", alpha=0.9, n=16, loop_only=True)
+    assert loop_certificate(normalised).bound <= 0.9 ** 3 * 1.01 and loop_certificate(normalised).certified
+
     exploding = report(build("rlsp", gain=3.0), tmp_path / "exploding")
     assert exploding.bound > 1 and exploding.verdict not in ("certified stable", "empirically stable")
     assert exploding.verdict == "proven unstable" and exploding.trf.verdict == "unbounded"
@@ -428,3 +432,22 @@ def test_bad_wrapping_is_a_clear_value_error():
         model(torch.rand(1, 4, 1, 8, 8))  # a grey clip into an RGB model
     with pytest.raises(ValueError, match=r"WholeClipForward failed on a 1×2×1×32×32 zero clip \(in_channels=1"):
         ClipModel(WholeClipForward(ForwardPropagation()), in_channels=1)
+
+
+def test_cell_without_feedback_is_certified_by_its_finite_memory(tmp_path):
+    class TwoFrameWindow(nn.Module):  # the state is the previous input frame: no loop
+        def __init__(self):
+            super().__init__()
+            self.conv = conv(6, 3)
+
+        def forward(self, frame, previous):
+            return frame + self.conv(torch.cat([frame, previous], 1)), frame
+
+    model = StepModel(TwoFrameWindow(), in_channels=3, initial_state=torch.zeros_like, recurrent=False)
+    assert loop_certificate(model).bound == 0.0 and model.recurrent_convs() == []
+    rep = stability_report(model, tmp_path, trf_kwargs=dict(frames=11, size=8, iters=2), spectra_n=8,
+                           lyapunov_kwargs=dict(frames=8, size=8, burn_in=2))
+    assert rep.verdict == "certified stable" and rep.trf.extent <= 2 and rep.lyapunov.exponent == -math.inf
+    with pytest.raises(ValueError, match="certificate='chain' was given for a model declared not recurrent"):
+        StepModel(TwoFrameWindow(), in_channels=3, initial_state=torch.zeros_like, recurrent=False,
+                  loop_convs=[], certificate="chain")

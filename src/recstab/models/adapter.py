@@ -11,6 +11,18 @@ model written elsewhere usually has one of two shapes, and each has a wrapper he
   test are skipped; or, when its forward already carries a state, ``net(clip, state) ->
   (outputs, state)`` (``carries_state=True``), it streams like a cell.
 
+In a few lines (``cell(frame, h) -> (y, h)``, the state fed back through ``cell.head``'s input
+channels 3: and then ``cell.body``'s convs, ReLUs between them)::
+
+    from recstab.diagnostics import stability_report
+    from recstab.models.adapter import StepModel
+
+    model = StepModel(cell, in_channels=3, task="denoise",
+                      initial_state=lambda frame: frame.new_zeros(frame.shape[0], 8, *frame.shape[-2:]),
+                      loop_convs=[(cell.head, slice(3, None)), *cell.body], certificate="chain")
+    report = stability_report(model, "logs/my_model", clean_frames=LongVideo("my_videos/"))
+    print(report.verdict, report.bound)   # e.g. "empirically stable", L̂ = 1.41
+
 What a wrapper supplies, and which diagnostic uses it:
 
 =========================== ============================================ =============================
@@ -62,7 +74,18 @@ attribute                   what it is                                   used by
 - ``certificate=fn``: any other loop, ``fn(conv_norm, dampening) -> LoopCertificate``, composed from
   the helpers ``chain_certificate``, ``triangular_certificate`` (block-triangular loops) or
   ``unbounded_certificate``; e.g. a residual block ``a + K2*relu(K1*a)`` is the factor
-  ``1 + ‖K2‖‖K1‖``, a bilinear warp by a fixed flow whose 2×2 weights are convex is ``1``.
+  ``1 + ‖K2‖‖K1‖``, a bilinear warp by a constant flow (fixed convex 2×2 weights, zero outside) is
+  ``1``. A BasicVSR-style propagation (warp, fuse conv on ``[frame, h]``, residual blocks)::
+
+      def bound(conv_norm, dampening):
+          factors = {"warp": 1.0, "fuse": conv_norm(cell.fuse.weight[:, 3:])}
+          for i, b in enumerate(cell.blocks):
+              factors[f"block{i}"] = 1 + conv_norm(b.conv2.weight) * conv_norm(b.conv1.weight)
+          return chain_certificate(factors, dampening, "the propagated features h")
+
+  A flow estimated from the frames keeps the warp linear in h, ``‖warp‖₂ ≤ √(max column sum)`` of
+  its bilinear weights, but a converging flow (many pixels sampling one place) pushes that far
+  above 1 and no bound holds for every input: leave such a loop at ``L̂ = ∞``.
 - neither: ``L̂ = ∞`` ("no bound derived", the verdict rests on the TRF and λ₁); a model
   declared not recurrent gets ``L̂ = 0`` (finite memory).
 
@@ -225,7 +248,7 @@ class _Wrapper(VideoModel):
         param = next(iter(self.module.parameters()), None)
         like = dict(device=param.device, dtype=param.dtype) if param is not None else {}
         x = torch.zeros(1, frames, self.in_channels, check_size, check_size, **like)
-        was_training = self.training
+        modes = [(m, m.training) for m in self.modules()]  # each restored as it was (frozen BN stays frozen)
         self.eval()
         try:
             with torch.no_grad():
@@ -237,7 +260,8 @@ class _Wrapper(VideoModel):
                              f"{self.in_channels}, check_size={check_size}): {type(error).__name__}: {error}. "
                              "Is in_channels right? (check_size=None skips this check)") from error
         finally:
-            self.train(was_training)
+            for m, training in modes:
+                m.training = training
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, task={self.task!r}, recurrent={self.is_recurrent}, "
