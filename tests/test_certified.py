@@ -5,12 +5,13 @@ import math
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from recstab.diagnostics import loop_certificate
 from recstab.models import build_model
 from recstab.models.certificate import triangular_certificate
 from recstab.norms import conv_norm_bound
-from recstab.norms.certified import (CERTIFIED_RECURRENCES, MARGIN, CertifiedLoop, bound_tensor, frvsr_step_bounds,
+from recstab.norms.certified import (CERTIFIED_RECURRENCES, MARGIN, CertifiedLoop, bound_tensor, certify, frvsr_step_bounds,
                                      lattice_bound_tensor, loop_gains, plain_state_dict, self_loop_budget,
                                      warp_l2_bound)
 
@@ -74,7 +75,7 @@ def _bounded_slices(model):
 @pytest.mark.parametrize("recurrence,backbone", [("feat", "vresnet"), ("frame", "vresnet"), ("rlsp", "vresnet"),
                                                  ("feat", "vdncnn")])
 def test_certified_at_every_step_of_a_plain_adam_loop(recurrence, backbone):
-    """50 Adam steps at lr 1e-2 in plain PyTorch (no Lightning, no parametrize.cached): the certificate
+    """50 Adam steps at lr 1e-2 in plain PyTorch (no Lightning): the certificate
     recomputed from the weights is <= rho after every step, equals the construction's target (the budget is
     spent, not wasted), and the model learns."""
     torch.manual_seed(0)
@@ -85,7 +86,8 @@ def test_certified_at_every_step_of_a_plain_adam_loop(recurrence, backbone):
     noisy = x + 0.1 * torch.randn_like(x)
     losses, bounds = [], []
     for step in range(50):
-        loss = torch.nn.functional.mse_loss(model(noisy), target)
+        with parametrize.cached():  # one normalisation per step (correct without it too, only slower)
+            loss = torch.nn.functional.mse_loss(model(noisy), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -241,6 +243,22 @@ def test_evaluation_reuses_the_scale_until_a_weight_changes():
         model.body.blocks[0].conv2.weight.mul_(2)  # a partner changes: the slice must shrink
         halved = model.body.blocks[0].conv1.weight[:, 8:]
     assert torch.allclose(halved, first[:, 8:] / 2, rtol=1e-4)
+
+
+def test_certify_leaves_a_model_within_budget_unchanged_and_shrinks_one_above_it():
+    torch.manual_seed(0)
+    x = clip(batch=1)
+    small = tiny("frame", init="he")
+    with torch.no_grad():
+        small.body.head.weight[:, 3:].mul_(1e-4)  # loop gain far below 0.95
+    before = small(x)
+    assert loop_certificate(small).bound < 0.95
+    assert torch.allclose(certify(small, 0.95)(x), before, atol=1e-6)
+    big = tiny("frame", init="he")
+    bound = loop_certificate(big).bound
+    assert bound > 1
+    certify(big, 0.95)
+    assert 0.95 * 0.998 < loop_certificate(big).bound <= 0.95
 
 
 # ---------------------------------------------------------------------------------------------- FRVSR's warp

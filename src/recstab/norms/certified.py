@@ -267,6 +267,19 @@ class CertifiedLoop:
         return model
 
 
+def certify(model: nn.Module, rho: float = 0.95) -> nn.Module:
+    """Put :class:`CertifiedLoop` on a TRAINED model, changing it as little as possible: each slice keeps
+    its trained loop gain when that is within the budget (the model is then unchanged: scale 1), and is
+    shrunk to the budget (0.999 of it) otherwise. The starting point of a certified fine-tune."""
+    CertifiedLoop(rho=rho)(model)
+    with torch.no_grad():
+        for conv, _, _, _ in CertifiedLoop(rho=rho).plan(model):
+            raw, (gain,) = conv.parametrizations.weight.original, conv.parametrizations.weight
+            fraction = min(float(bound_tensor(raw[:, gain.start:]) * gain.partner_product()) / gain.budget, 0.999)
+            gain.logit.fill_(math.log(fraction / (1 - fraction)))
+    return model
+
+
 def loop_gains(model: nn.Module) -> list[LoopGain]:
     """The :class:`LoopGain` parametrizations of a model (empty if it is not certified by construction)."""
     return [p for m in model.modules() if parametrize.is_parametrized(m, "weight")
@@ -329,5 +342,5 @@ def frvsr_step_bounds(model: nn.Module, clip: torch.Tensor) -> torch.Tensor:
     return torch.stack([warp_l2_bound(f).max() * chain for f in flows])
 
 
-__all__ = ["CertifiedLoop", "LoopGain", "loop_gains", "plain_state_dict", "bound_tensor", "lattice_bound_tensor", "self_loop_budget",
+__all__ = ["CertifiedLoop", "LoopGain", "certify", "loop_gains", "plain_state_dict", "bound_tensor", "lattice_bound_tensor", "self_loop_budget",
            "warp_l2_bound", "warp_column_sums", "frvsr_step_bounds", "MARGIN", "CERTIFIED_RECURRENCES"]
