@@ -6,7 +6,8 @@
     python src/diagnose.py experiment=fig2
 
 Root config: conf/diagnose.yaml. The report (exact conv spectra, loop certificate, TRF,
-Lyapunov exponent, long-video onset test, verdict) is written to
+Lyapunov exponent, long-video onset test, verdict: one ``recstab.diagnostics.measure`` with the
+``diagnostics`` spec) is written to
 ``${hydra:runtime.output_dir}/report`` section by section, and to W&B (offline unless
 WANDB_MODE says otherwise). A killed diagnosis continues with ``resume=true`` (the newest
 unfinished report of the same name, or ``report_dir=<folder>``): the onset test restarts
@@ -87,44 +88,52 @@ def report_dir(cfg: DictConfig, out_dir: Path) -> Path:
 
 
 def run_report(cfg: DictConfig, out_dir: Path, run=None):
-    """Write the stability report of the configured model into ``out_dir`` (see :func:`report_dir`)."""
+    """Write the stability report of the configured model into ``out_dir`` (see :func:`report_dir`);
+    what it measures is the ``diagnostics`` spec (conf/diagnostics/)."""
     from recstab.diagnostics import stability_report
+    from recstab.lit.publish import publish_image, publish_metrics, publish_summary
 
     out_dir = report_dir(cfg, out_dir)
     model = load_model(cfg)
+    spec = OmegaConf.to_container(cfg.diagnostics, resolve=True)
     frames = None
-    if cfg.onsets.enabled:
+    if spec.get("onsets") is not None or spec.get("lyapunov") is not None:
         from recstab.data.long_video import LongVideo
         stream = OmegaConf.to_container(cfg.long_video, resolve=True)
         if stream.get("gray") is None:
             stream["gray"] = int(model.in_channels) == 1
         frames = LongVideo(**stream)  # probed by stability_report before anything is measured
-    onset_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.onsets, resolve=True).items() if k != "enabled"}
-    lyapunov = OmegaConf.to_container(cfg.lyapunov, resolve=True) if cfg.get("lyapunov") else {"frames": 0}
     if cfg.get("resume"):
         log.info("resuming the report in %s", out_dir)
-    report = stability_report(
-        model, out_dir, clean_frames=frames, name=cfg.name, sigma=float(cfg.task.sigma) / 255,
-        trf_kwargs=OmegaConf.to_container(cfg.trf, resolve=True),
-        onset_kwargs=onset_kwargs, lyapunov_kwargs=lyapunov, spectra_n=int(cfg.spectra_n),
-        burst=cfg.get("burst"), overlap=int(cfg.get("overlap") or 0), dampening=cfg.get("dampening"),
-        resume=bool(cfg.get("resume")), run=run)
+    report = stability_report(model, out_dir, clean_frames=frames, name=cfg.name, spec=spec,
+                              sigma=float(cfg.task.sigma) / 255, burst=cfg.get("burst"),
+                              overlap=int(cfg.get("overlap") or 0), dampening=cfg.get("dampening"),
+                              resume=bool(cfg.get("resume")))
     log.info("verdict: %s — %s", report.verdict, "; ".join(report.notes))  # the notes name failed sections
     if report.onsets is not None:
         log.info("onsets: %d on %d frames (%d feedback divergences), deciles %s, %.1f fps", report.onsets.n_onsets,
                  report.onsets.frames, sum(report.onsets.divergent), report.onsets.deciles, report.onsets.fps)
     log.info("report: %s", report.files["markdown"])
+    publish_metrics(run, report.metrics())
+    for key, path in report.files.items():
+        if str(path).endswith(".png"):
+            publish_image(run, f"report/{key}", path)
+    publish_summary(run, report.measurements.summary())
     return report
 
 
 def run_fig2(cfg: DictConfig, out_dir: Path, run=None):
     from recstab.diagnostics import figure2
+    from recstab.lit.publish import publish_image, publish_metrics
+
     f = OmegaConf.to_container(cfg.fig2, resolve=True)
     result = figure2(out_dir / "fig2.png", connections=f["connections"], backbone=f["backbone"],
                      channels=int(f["channels"]), depth=f.get("depth"), frames=int(f["frames"]),
-                     size=int(f["size"]), seed=int(f["seed"]), run=run)
+                     size=int(f["size"]), seed=int(f["seed"]))
     log.info("figure 2: %s; diverged: %s", result.path,
              ", ".join(k for k, v in result.diverged.items() if v) or "none")
+    publish_metrics(run, {f"fig2/diverged/{k}": float(v) for k, v in result.diverged.items()})
+    publish_image(run, "fig2/output_norm", result.path)
     return result
 
 

@@ -36,7 +36,8 @@ def test_default_model_config(compose):
     cfg = compose("train", [])
     assert cfg.model.init == "near_identity" and cfg.norm.name == "none"
     assert cfg.module.model == cfg.model and cfg.module.norm == cfg.norm and cfg.module._recursive_ is False
-    assert cfg.callbacks.onset_test.long_video == cfg.long_video  # one long-video stream, one group
+    assert cfg.callbacks.stability.long_video == cfg.long_video  # one long-video stream, one group
+    assert cfg.callbacks.stability.diagnostics == cfg.diagnostics and cfg.diagnostics.name == "cpu"  # one spec
 
 
 def test_paper_experiments_use_he_init(compose):
@@ -68,6 +69,8 @@ def test_every_row_is_a_single_run_at_the_papers_scale(compose, row):
         kind, alpha, beta = name.split("_")
         assert (cfg.norm.name, cfg.norm.alpha, cfg.norm.beta) == (kind, float(alpha), float(beta))
         assert cfg.norm.get("loop_only", False) is row.endswith("_loop")
+    elif name.startswith("certified_"):
+        assert (cfg.norm.name, cfg.norm.rho) == ("certified", float(name.split("_")[1]))
     elif row in ("vdncnn_frame", "vdncnn_feat", "vdncnn_rlsp", "vresnet_frame", "vresnet_feat", "vresnet_rlsp"):
         assert f"{cfg.model.backbone}_{cfg.recurrence.name}" == row and cfg.norm.name == "none"
     elif row in ("fastdvdnet", "frvsr", "dbdnet", "bm3d"):

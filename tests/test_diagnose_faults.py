@@ -123,9 +123,10 @@ def test_onset_test_killed_mid_stream_resumes_to_the_same_onsets(tmp_path, video
 @pytest.mark.slow
 def test_diagnose_killed_with_sigkill_and_resumed(tmp_path, repo_root, videos):
     """A real `python src/diagnose.py` run, SIGKILLed during the onset test, then resume=true."""
-    common = ["model.channels=8", "trf.frames=11", "trf.size=8", "trf.iters=2", "lyapunov.frames=20",
-              "lyapunov.size=8", "lyapunov.burn_in=5", f"long_video.paths_or_folder={videos}",
-              "long_video.loop_to=1200", "onsets.chunk=8", "onsets.progress_every=64", "spectra_n=8",
+    common = ["model.channels=8", "diagnostics.trf.frames=11", "diagnostics.trf.size=8", "diagnostics.trf.iters=2",
+              "diagnostics.lyapunov.frames=20", "diagnostics.lyapunov.size=8", "diagnostics.lyapunov.burn_in=5",
+              f"long_video.paths_or_folder={videos}", "long_video.loop_to=1200", "diagnostics.onsets.max_frames=null",
+              "diagnostics.onsets.chunk=8", "+diagnostics.onsets.progress_every=64", "diagnostics.spectra_n=8",
               "wandb.enabled=false", "device=cpu"]
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     # slow the model down so the kill lands mid-stream (1200 frames take ~5 s instead of ~1 s)

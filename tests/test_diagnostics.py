@@ -276,7 +276,8 @@ def test_callbacks_log_trf_and_onsets_during_training(tmp_path, caplog, two_vide
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from recstab.lit.stability_callbacks import OnsetTest, StabilityMonitor
+    from recstab.diagnostics import MeasureSpec
+    from recstab.lit.stability_callbacks import StabilityMonitor
 
     class Module(L.LightningModule):
         def __init__(self):
@@ -296,10 +297,10 @@ def test_callbacks_log_trf_and_onsets_during_training(tmp_path, caplog, two_vide
     trainer = L.Trainer(max_steps=2, val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
                         logger=CSVLogger(tmp_path), default_root_dir=tmp_path, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu",
-                        callbacks=[StabilityMonitor(every_n_val_epochs=1, frames=11, size=8, iters=1,
-                                                    lyapunov={"frames": 20, "size": 8, "burn_in": 5}),
-                                   OnsetTest(long_video={"paths_or_folder": str(two_videos_dir)},
-                                             max_frames=8, chunk=4)])
+                        callbacks=[StabilityMonitor(every_n_val_epochs=1, diagnostics=MeasureSpec(
+                            spectra_n=8, trf={"frames": 11, "size": 8, "iters": 1},
+                            lyapunov={"frames": 20, "size": 8, "burn_in": 5}, onsets={"max_frames": 8, "chunk": 4}),
+                            long_video={"paths_or_folder": str(two_videos_dir), "loop_to": 20})])
     with caplog.at_level(logging.WARNING):
         trainer.fit(Module(), data, data)
     assert "UNSTABLE" in caplog.text
@@ -336,9 +337,10 @@ def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, tw
     spec = importlib.util.spec_from_file_location("diagnose_cli", repo_root / "src" / "diagnose.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    small = ["model.channels=4", "trf.frames=11", "trf.size=8", "trf.iters=2", "onsets.max_frames=6",
-             f"long_video.paths_or_folder={two_videos_dir}", "long_video.loop_to=null", "spectra_n=8",
-             "lyapunov.frames=20", "lyapunov.size=8", "lyapunov.burn_in=5",
+    small = ["model.channels=4", "diagnostics.trf.frames=11", "diagnostics.trf.size=8", "diagnostics.trf.iters=2",
+             "diagnostics.onsets.max_frames=6", f"long_video.paths_or_folder={two_videos_dir}",
+             "long_video.loop_to=null", "diagnostics.spectra_n=8", "diagnostics.lyapunov.frames=20",
+             "diagnostics.lyapunov.size=8", "diagnostics.lyapunov.burn_in=5",
              "wandb.enabled=false", f"paths.log_dir={tmp_path}"]
     report = cli.run_report(compose("diagnose", small + ["norm=srnc", "norm.alpha=0.5", "norm.beta=1.0",
                                                          "norm.n=8"]), tmp_path / "cfg")

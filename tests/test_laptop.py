@@ -21,7 +21,7 @@ def test_laptop_sweep_composes_unconstrained_hard_and_soft(compose, sweep_jobs):
         norms.append((norm.name, norm.get("alpha"), norm.get("beta")))
         assert (job.model.backbone, job.recurrence.name, job.task.name) == ("vresnet", "rlsp", "denoise")
         assert job.callbacks.step_timer._target_ == "recstab.lit.step_timer.StepTimer"
-        assert job.callbacks.trf_monitor.every_n_val_epochs == 1
+        assert job.callbacks.stability.every_n_val_epochs == 1 and job.callbacks.stability.at_end is False
         assert (job.trainer.max_steps, job.model.channels) == (300, 16)
         assert (job.module.lr, job.model.init, job.data.crop) == (default.module.lr, default.model.init, default.data.crop)
     assert norms == [("none", None, None), ("srnc", 0.5, 1.0), ("srnc", 2.0, 0.1)]  # Hard: alpha < 1 certifies

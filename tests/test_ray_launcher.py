@@ -27,7 +27,7 @@ def test_local_ray_hands_each_job_its_own_gpu(tmp_path, run_script):
     args = ["-m", "sweep=table8", "data.frames=3,4,5", "debug=smoke", "hydra/launcher=ray_gpu",
             f"hydra.launcher.ray.init.num_gpus={gpus}",
             "+hydra.launcher.ray.init.num_cpus=2", f"hydra.sweep.dir={out}",
-            "callbacks.measure.trf=null", "callbacks.measure.onsets=null", "callbacks.measure.spectra_n=null",
+            "diagnostics.trf=null", "diagnostics.onsets=null", "diagnostics.spectra_n=null", "diagnostics.lyapunov=null",
             f"trainer.accelerator={'auto' if torch.cuda.is_available() else 'cpu'}"]
     result = run_script("train.py", args, tmp_path, env={"RAY_USAGE_STATS_ENABLED": "0"}, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

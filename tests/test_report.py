@@ -25,12 +25,16 @@ def fake_run(kind, alpha, metrics, name="r", failure=None):
 
 
 def test_rows_matched_by_config_values_averaged_and_unmatched_listed():
+    # "Stable" is the verdict of each run's own measurement (stability/verdict), not a rule of the report's
     runs = [fake_run("srnc", 2, {"test/psnr_7": 30.0, "long/onset_d1": math.inf, "long/onset_d9": math.inf,
-                                 "stability/trf_unbounded": 0.0, "stability/trf_extent": 6.0}, "s1"),
+                                 "stability/trf_unbounded": 0.0, "stability/trf_extent": 6.0,
+                                 "stability/verdict": "empirically stable"}, "s1"),
             fake_run("srnc", 2.0, {"test/psnr_7": 32.0, "long/onset_d1": math.inf, "long/onset_d9": math.inf,
-                                   "stability/trf_unbounded": 0.0, "stability/trf_extent": 8.0}, "s2"),
+                                   "stability/trf_unbounded": 0.0, "stability/trf_extent": 8.0,
+                                   "stability/verdict": "empirically stable"}, "s2"),
             fake_run("none", 1.0, {"test/psnr_3": 20.0, "test/psnr_1": 19.0, "long/onset_d1": 3.0,
-                                   "long/onset_d9": 9.0, "stability/trf_unbounded": 1.0}, "n"),
+                                   "long/onset_d9": 9.0, "stability/trf_unbounded": 1.0,
+                                   "stability/verdict": "proven unstable"}, "n"),
             fake_run("sn", 1.0, {"test/psnr_7": 10.0}, "extra")]
     table = build_table("x", runs, PAPER)
     a, b, extra = table.rows
@@ -95,7 +99,9 @@ def test_collect_reads_metrics_measurements_and_csv(tmp_path):
     runs = collect_runs(tmp_path)
     assert len(runs) == 1
     m = runs[0].metrics
-    assert (m["test/psnr_7"], m["long/onset_d1"], m["long/onset_d9"]) == (33.0, 12.0, 99.0)  # metrics.json beats csv
+    assert (m["test/psnr_7"], m["long/onset_d1"]) == (33.0, 12.0)  # metrics.json beats csv
+    # the stability columns come from the one measurement of measurements.json, never mixed with the CSV's
+    assert "long/onset_d9" not in m
     assert runs[0].value("paths.output_dir") is None  # unresolvable without Hydra: no crash
 
 
@@ -174,23 +180,27 @@ class _Trainer:
 def test_measurements_smoke_sizes_apply_only_under_debug_smoke():
     from recstab.report import TableMeasurements
 
-    kw = dict(trf={"frames": 81, "size": 64, "iters": 500}, onsets=None, fps=None,
-              smoke={"trf": {"frames": 9, "iters": 3}, "fps": {"height": 32}, "spectra_n": 16})
+    kw = dict(scenes={"total_frames": 2048, "size": 256}, fps=None,
+              smoke={"scenes": {"total_frames": 16}, "fps": {"height": 32}})
     paper, smoke = TableMeasurements(**kw), TableMeasurements(debug="smoke", **kw)
-    assert paper.trf == {"frames": 81, "size": 64, "iters": 500} and paper.spectra_n == 64
-    assert smoke.trf == {"frames": 9, "size": 64, "iters": 3} and smoke.spectra_n == 16
-    assert smoke.fps is None and smoke.onsets is None  # a part that is off stays off
+    assert paper.scenes == {"total_frames": 2048, "size": 256}
+    assert smoke.scenes == {"total_frames": 16, "size": 256}
+    assert smoke.fps is None  # a part that is off stays off
 
 
-def test_measurements_force_the_configured_dampening_and_write_json(tmp_path):
+def test_the_table_row_is_one_measurement_of_the_tested_weights(tmp_path):
+    """measurements.json holds ONE diagnostics.measure of the tested weights: its verdict and its columns equal a
+    direct measure() call with the same spec on the same weights; the configured dampening wins."""
+    from recstab.diagnostics import MeasureSpec, measure
     from recstab.lit.module import VideoRestorationModule
     from recstab.report import TableMeasurements
 
     module = VideoRestorationModule(model=tiny_model(), norm={"_target_": "recstab.norms.SRNC", "alpha": 0.5,
                                                               "beta": 1.0, "n": 8}, frames=3, dampening=1.0)
-    callback = TableMeasurements(spectra_n=8, trf={"frames": 5, "size": 8, "iters": 2}, dampening=0.0,
-                                 onsets={"video": "scenes", "sigma": 30, "chunk": 4,
-                                         "scenes": {"n_distinct": 2, "total_frames": 8, "size": 16, "repeats": 2}},
+    spec = MeasureSpec(spectra_n=8, trf={"frames": 5, "size": 8, "iters": 2}, lyapunov={"frames": 8, "size": 8,
+                       "burn_in": 2}, onsets={"chunk": 4})
+    scenes = {"n_distinct": 2, "total_frames": 8, "size": 16, "repeats": 2}
+    callback = TableMeasurements(diagnostics=spec, video="scenes", scenes=scenes, sigma=30, dampening=0.0,
                                  fps={"height": 8, "width": 8, "frames": 2, "warmup": 1})
     trainer = _Trainer(tmp_path)
     callback.on_test_start(trainer, module)
@@ -203,6 +213,14 @@ def test_measurements_force_the_configured_dampening_and_write_json(tmp_path):
     assert m["long/frames"] == 16 and saved["onsets"]["sequences"] == 2 and m["speed/fps"] > 0
     assert json.loads((tmp_path / "device.json").read_text())["test_device"] == "cpu"
     assert (tmp_path / "measure" / "trf.png").is_file()
+    # the same spec on the same weights, measured directly: the same verdict and the same numbers
+    streams = callback._streams(module.model)
+    direct = measure(module.model.eval(), spec, clean_frames=streams[0], onset_streams=streams, sigma=30 / 255,
+                     dampening=0.0)
+    assert saved["verdict"] == m["stability/verdict"] == direct.verdict
+    for key, value in direct.metrics.items():
+        if key != "long/fps":  # wall time
+            assert m[key] == pytest.approx(value, nan_ok=True), key
 
 
 def test_evaluation_sweeps_refuse_to_test_without_a_checkpoint(tmp_path):

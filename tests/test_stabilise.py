@@ -1,6 +1,5 @@
 """Post-hoc stabilisation (src/stabilise.py): feature-dampening search and SRN-C fine-tuning."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,22 +11,14 @@ import lightning as L
 import pytest
 import torch
 
-from recstab.diagnostics import loop_certificate
+import recstab.stabilise as S
+from recstab.diagnostics import MeasureSpec, loop_certificate
 from recstab.lit.module import VideoRestorationModule
 
 ROOT = Path(__file__).resolve().parents[1]
 TRF = dict(frames=21, size=16, iters=30)
 
 
-def load_stabilise():
-    spec = importlib.util.spec_from_file_location("stabilise", ROOT / "src" / "stabilise.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stabilise"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-S = load_stabilise()
 
 
 def he_module(channels: int = 8) -> VideoRestorationModule:
@@ -47,7 +38,8 @@ def save_checkpoint(module: VideoRestorationModule, path: Path) -> Path:
 def test_dampening_search_makes_an_unstable_model_not_proven_unstable():
     model = he_module().model.eval()
     clip = torch.rand(1, 40, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    measure = lambda lam: S.measure(model, clip, lam, trf=TRF, burn_in=10)  # noqa: E731
+    spec = MeasureSpec(trf=TRF, lyapunov={"frames": 40, "size": None, "burn_in": 10})
+    measure = lambda lam: S.measure_at(model, lam, spec, list(clip[0]), sigma=0.0)  # noqa: E731
     before = measure(1.0)
     assert before.verdict == "proven unstable" and before.trf_verdict == "unbounded"
     assert before.lyapunov > 0 and not before.certified
@@ -74,7 +66,7 @@ def test_search_keeps_a_stable_model_undamped():
 
     def measure(lam):
         calls.append(lam)
-        return S.Measurement(lam, 0.5 * lam, True, -1.0, 0.01, "bounded", 3, -0.1, "certified stable")
+        return S.Measurement(lam, 0.5 * lam, True, -1.0, 0.01, "bounded", 3, "certified stable")
     search = S.search_dampening(measure, margin=0.05)
     assert (search.chosen, search.selected_by, calls) == (1.0, "undamped", [1.0])
 
@@ -85,7 +77,7 @@ def test_search_bisects_to_the_stability_threshold():
 
     def measure(lam):
         lyap = math.log(2 * lam) if lam > 0 else -math.inf
-        return S.Measurement(lam, 10 * lam, 10 * lam < 1, lyap, 0.0, "bounded", 1, -0.1,
+        return S.Measurement(lam, 10 * lam, 10 * lam < 1, lyap, 0.0, "bounded", 1,
                              "certified stable" if 10 * lam < 1 else "empirically stable")
     search = S.search_dampening(measure, margin=margin, tol=1e-3, max_iters=30, select="empirical")
     threshold = math.exp(-margin) / 2
@@ -122,8 +114,8 @@ def test_cli_writes_both_reports_and_loadable_checkpoints(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "src" / "stabilise.py"), f"ckpt_path={ckpt}", f"hydra.run.dir={out}",
            "data.crop=16", "data.batch_size=2", "data.val_length=2", "data.train_length=4", "val_batches=1",
-           "finetune.steps=2", "finetune.norm.n=16", "lyapunov.frames=20", "lyapunov.burn_in=5", "lyapunov.size=16",
-           "trf.frames=21", "trf.size=16", "trf.iters=20", "dampening.tol=0.1"]
+           "finetune.steps=2", "finetune.norm.n=16", "diagnostics=smoke", "diagnostics.lyapunov.frames=20",
+           "diagnostics.trf.frames=21", "diagnostics.trf.iters=20", "long_video.loop_to=40", "dampening.tol=0.1"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

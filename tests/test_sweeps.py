@@ -46,8 +46,8 @@ def paper_model_params(backbone: str, recurrence: str, c: int, depth: int | None
 def test_conf_sweep_is_the_sweeps_folder():
     link = ROOT / "conf" / "sweep"
     assert link.is_symlink() and os.readlink(link) == "../sweeps"
-    # every table and figure of the paper, and the laptop sweep (tests/test_laptop.py)
-    assert {p.stem for p in (ROOT / "sweeps").glob("*.yaml")} == set(SWEEPS) | {"laptop"}
+    # every table and figure of the paper, the laptop sweep (tests/test_laptop.py) and the certified trade-off
+    assert {p.stem for p in (ROOT / "sweeps").glob("*.yaml")} == set(SWEEPS) | {"laptop", "certified"}
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -106,7 +106,8 @@ def test_sweep_composes_at_the_papers_scale(name, compose, sweep_jobs):
     first = compose("train", [f"sweep={name}", f"experiment={scale}", "ckpt_path=/x/last.ckpt", *sweep_jobs(cfg)[0]])
     assert first.trainer.accelerator == "gpu"
     assert first.trainer.max_steps == (300000 if name == "table8" else 600000)
-    assert first.callbacks.measure.trf is None or first.callbacks.measure.trf.iters == 500
+    assert first.diagnostics.name == "paper" and first.callbacks.measure.diagnostics == first.diagnostics
+    assert first.diagnostics.trf is None or first.diagnostics.trf.iters == 500
     if first.model.backbone in ("vdncnn", "vresnet"):
         assert first.model.channels in (64, 45) and first.model.init == "he"
     if name == "table5":
@@ -183,7 +184,7 @@ def test_whole_sweep_runs_under_smoke(name, smoke_sweep):
         if name == "table4":
             assert "test/lpips_7" in json.loads((run / "metrics.json").read_text())
         norm = config.norm
-        if norm.name == "srnc" and not norm.get("loop_only") and config.callbacks.measure.spectra_n is not None:
+        if norm.name == "srnc" and not norm.get("loop_only") and config.diagnostics.spectra_n is not None:
             # SRN-C holds every conv's operator norm at alpha
             assert math.isclose(metrics["spectra/sigma1_max"], norm.alpha, rel_tol=0.05)
 
@@ -211,8 +212,8 @@ def test_table7_dampening_reaches_the_model_tested_from_a_checkpoint(smoke_sweep
 def test_each_job_finishes_its_own_wandb_run(tmp_path, run_script):
     """Offline W&B: one run per job (a job that left its run open would make the next one reuse it)."""
     result = run_script("train.py", ["-m", "sweep=table8", "data.frames=3,4", "debug=smoke",
-                                     f"hydra.sweep.dir={tmp_path}", "callbacks.measure.trf=null",
-                                     "callbacks.measure.onsets=null"],
+                                     f"hydra.sweep.dir={tmp_path}", "diagnostics.trf=null",
+                                     "diagnostics.onsets=null"],
                         tmp_path, env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(tmp_path.glob("*/wandb/offline-run-*"))

@@ -192,7 +192,7 @@ def test_a_failing_job_leaves_the_sweep_running(tmp_path, run_script, launcher):
     the report (what src/report.py writes) marks the SRN-C row failed and names the log."""
     result = run_script("train.py", [
         "-m", "sweep=table3", "debug=smoke", "row=srn_1.0_1.0,srnc_2.0_0.1", "norm.n=2", "logger=csv",
-        "callbacks.measure.trf=null", "callbacks.measure.onsets=null", "callbacks.measure.spectra_n=null",
+        "diagnostics.trf=null", "diagnostics.onsets=null", "diagnostics.spectra_n=null", "diagnostics.lyapunov=null",
         f"hydra/launcher={launcher}", *(["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []),
         f"hydra.sweep.dir={tmp_path}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,19 +10,25 @@
 - :mod:`.onsets`: the long-video instability-onset test, and burst-by-burst processing;
 - :mod:`recstab.models.certificate`: ``loop_certificate(model)``, the proven bound of the loop;
 - :mod:`.figure2`: untrained models of every temporal connection on random input;
-- :mod:`.engine`: the one measurement engine (spectra, certificate, TRF, λ₁, onsets, verdict);
-- :mod:`.report`: all of it on one model, written section by section, and a verdict.
+- :mod:`.engine`: each measurement's function and metrics, and the verdict rule (``decide``);
+- :mod:`.measure`: ``measure(model, spec) -> Measurements``, the one driver every caller uses;
+- :mod:`.report`: a measurement written section by section into a report folder (``src/diagnose.py``).
+
+Nothing here logs to W&B: callers publish (:mod:`recstab.lit.publish`).
 """
 
 from recstab.diagnostics.figure2 import CONNECTIONS, Figure2Result, figure2
 from recstab.diagnostics.onsets import (BurstProcessor, OnsetResult, burst_process, deciles,
                                         instability_onsets)
+from recstab.diagnostics.measure import SECTIONS, Measurements, MeasureSpec, measure
 from recstab.diagnostics.report import VERDICTS, StabilityReport, conv_spectra, stability_report
 from recstab.diagnostics.lyapunov import LyapunovResult, lyapunov_exponent
 from recstab.diagnostics.trf import TRFResult, temporal_receptive_field
-from recstab.models.certificate import LoopCertificate, loop_certificate
+from recstab.models.certificate import (LoopCertificate, chain_certificate, default_conv_norm, loop_certificate,
+                                        triangular_certificate)
 
-__all__ = ["temporal_receptive_field", "TRFResult", "lyapunov_exponent", "LyapunovResult",
+__all__ = ["measure", "MeasureSpec", "Measurements", "SECTIONS", "temporal_receptive_field", "TRFResult", "lyapunov_exponent", "LyapunovResult",
            "instability_onsets", "OnsetResult", "deciles",
            "BurstProcessor", "burst_process", "stability_report", "StabilityReport", "VERDICTS",
-           "conv_spectra", "figure2", "Figure2Result", "CONNECTIONS", "loop_certificate", "LoopCertificate"]
+           "conv_spectra", "figure2", "Figure2Result", "CONNECTIONS", "loop_certificate", "LoopCertificate",
+           "chain_certificate", "triangular_certificate", "default_conv_norm"]

@@ -20,7 +20,6 @@ bidirectional ones (``birlsp``) run on the whole sequence at once.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def output_norms(model, frames: int, size: int, seed: int = 0, chunk: int = 10,
 
 def figure2(path: str | Path | None = None, connections=CONNECTIONS, backbone: str = "vresnet",
             channels: int = 64, depth: int | None = None, frames: int = 100, size: int = 64,
-            seed: int = 0, chunk: int = 10, blowup: float = BLOWUP, run=None) -> Figure2Result:
+            seed: int = 0, chunk: int = 10, blowup: float = BLOWUP) -> Figure2Result:
     """Build every connection untrained, run it on the random input, plot RMS(y_t) against t.
 
     Args:
@@ -93,7 +92,6 @@ def figure2(path: str | Path | None = None, connections=CONNECTIONS, backbone: s
         frames, size: length and H = W of the random input.
         seed: seeds the weights (each model built from ``seed``) and the input frames.
         chunk: frames per ``process`` call.
-        run: optional W&B run (or a Lightning WandbLogger) to log the figure and the numbers to.
     """
     from recstab.models import build_model
 
@@ -113,8 +111,6 @@ def figure2(path: str | Path | None = None, connections=CONNECTIONS, backbone: s
     result = Figure2Result(norms, diverged, diverged_at, None, settings)
     if path is not None:
         result.path = save_figure2(result, path)
-    if run is not None:
-        _log(run, result)
     return result
 
 
@@ -139,17 +135,3 @@ def save_figure2(result: Figure2Result, path: str | Path) -> Path:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def _log(run, result: Figure2Result) -> None:
-    import wandb
-    experiment = getattr(run, "experiment", run)
-    payload = {f"fig2/diverged/{k}": int(v) for k, v in result.diverged.items()}
-    if result.path is not None:
-        payload["fig2/output_norm"] = wandb.Image(str(result.path))
-    xs = list(range(1, len(next(iter(result.norms.values()))) + 1)) if result.norms else []
-    if xs:
-        ys = [[float(v) if math.isfinite(v) else float("nan") for v in rms] for rms in result.norms.values()]
-        payload["fig2/curves"] = wandb.plot.line_series(xs=xs, ys=ys, keys=list(result.norms),
-                                                        title="output norm vs frame", xname="frame")
-    experiment.log(payload)

@@ -1,6 +1,7 @@
 """The one-page stability report: every diagnosis of the paper on one model, and a verdict.
 
-Sections, in the order they run (each measured by :mod:`recstab.diagnostics.engine`):
+Sections, in the order they run (one :func:`recstab.diagnostics.measure` call, the spec a
+``diagnostics`` preset):
 
 0. the input check: every file of the long video is opened and its first and last frame
    decoded (:meth:`LongVideo.probe`) before anything long runs; unreadable files are
@@ -28,9 +29,10 @@ not proof, of instability on the frames named).
 Output folder: ``report.json`` and ``report.md`` are rewritten after every section, so what
 was measured survives a later failure or a kill; a section that fails is recorded with its
 error and the others still run. Also ``trf.png``, ``onsets.png``, ``spectra.png``,
-``trf.pt`` (the TRF result, reused by a resumed run), ``trf_unbounded_sequence.pt`` (when
-unbounded) and ``onsets_progress.pt``. The same numbers and images go to W&B when a
-run/logger is passed.
+``trf.pt`` (the TRF result and what it measured: the weights' hash, the dampening, the
+settings; reused by a resumed run of the same model only), ``trf_unbounded_sequence.pt``
+(when unbounded) and ``onsets_progress.pt``. Nothing here logs anywhere: ``src/diagnose.py``
+sends the files and numbers to W&B (:mod:`recstab.lit.publish`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import logging
 import math
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,16 +52,15 @@ from torch import nn
 
 from recstab.diagnostics import engine
 from recstab.diagnostics.engine import VERDICTS, ConvSpectra, conv_spectra
-from recstab.diagnostics.onsets import DIVERGENCE_RATIO, BurstProcessor, OnsetResult
+from recstab.diagnostics.measure import SECTIONS, Measurements, MeasureSpec, as_spec, measure
+from recstab.diagnostics.onsets import DIVERGENCE_RATIO, BurstProcessor
 from recstab.diagnostics.trf import TRFResult
-from recstab.models.dampening import evaluating
 from recstab.models.interface import traits
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VERDICTS", "StabilityReport", "stability_report", "conv_spectra", "markdown"]
+__all__ = ["VERDICTS", "SECTIONS", "StabilityReport", "stability_report", "conv_spectra", "markdown"]
 
-SECTIONS = ("spectra", "certificate", "trf", "lyapunov", "onsets")
 MEANING = {
     "certified stable": "a theorem: the loop certificate bounds the recurrence map by L̂ < 1 (a contraction)",
     "proven unstable": "a demonstrated diverging input sequence (saved / named below)",
@@ -71,19 +71,25 @@ MEANING = {
 
 @dataclass
 class StabilityReport:
+    """A :class:`~recstab.diagnostics.measure.Measurements` with its name, settings and files."""
+
     name: str
-    verdict: str = "inconclusive"
-    trf: TRFResult | None = None
-    onsets: OnsetResult | None = None
-    spectra: ConvSpectra | None = None
-    certificate: object | None = None            # recstab.models.certificate.LoopCertificate
-    lyapunov: object | None = None               # result of recstab.diagnostics.lyapunov_exponent
-    lyapunov_on: str | None = None               # what λ₁ was measured on, in words
-    notes: list = field(default_factory=list)
+    measurements: Measurements
     files: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
-    sections: dict = field(default_factory=dict)  # name -> {"status": done|failed|skipped, "seconds", "error"}
     skipped_files: list = field(default_factory=list)  # (path, reason) of unreadable videos
+    extra_notes: list = field(default_factory=list)
+
+    # the measurements, read through
+    verdict = property(lambda self: self.measurements.verdict)
+    trf = property(lambda self: self.measurements.trf)
+    spectra = property(lambda self: self.measurements.spectra)
+    certificate = property(lambda self: self.measurements.certificate)
+    lyapunov = property(lambda self: self.measurements.lyapunov)
+    lyapunov_on = property(lambda self: self.measurements.lyapunov_on)
+    sections = property(lambda self: self.measurements.sections)
+    onsets = property(lambda self: self.measurements.onsets[0] if self.measurements.onsets else None)
+    notes = property(lambda self: self.measurements.notes + self.extra_notes)
 
     @property
     def convs(self) -> list:
@@ -95,16 +101,7 @@ class StabilityReport:
 
     def metrics(self) -> dict:
         """Flat scalar metrics in the engine's namespace (``stability/*``, ``spectra/*``, ``long/*``)."""
-        out = engine.verdict_metrics(self.verdict)
-        if self.spectra is not None:
-            out.update(self.spectra.metrics())
-        out.update(engine.certificate_metrics(self.certificate))
-        if self.trf is not None:
-            out.update(engine.trf_metrics(self.trf))
-        out.update(engine.lyapunov_metrics(self.lyapunov))
-        if self.onsets is not None:
-            out.update(engine.onset_metrics(self.onsets))
-        return out
+        return self.measurements.metrics
 
     def to_dict(self) -> dict:
         cert = self.certificate
@@ -122,11 +119,11 @@ class StabilityReport:
 
 
 def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None, name: str | None = None,
-                     sigma: float = 30 / 255, task: str | None = None, trf_kwargs: dict | None = None,
+                     spec=None, sigma: float = 30 / 255, task: str | None = None, trf_kwargs: dict | None = None,
                      onset_kwargs: dict | None = None, lyapunov_kwargs: dict | None = None,
                      spectra_n: int = 64, burst: int | None = None, overlap: int = 0,
-                     dampening: float | None = None, resume: bool = False, run=None) -> StabilityReport:
-    """Diagnose `model` and write the report folder; return a :class:`StabilityReport`.
+                     dampening: float | None = None, resume: bool = False) -> StabilityReport:
+    """Diagnose `model` (:func:`recstab.diagnostics.measure`) and write the report folder.
 
     Args:
         model: the nn.Module (``model(x)``; ``process`` for the onset test and λ₁; a
@@ -135,30 +132,30 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
         clean_frames: iterable of clean C×H×W frames (e.g. a LongVideo) for λ₁ and the onset test;
             a LongVideo is probed first (unreadable files skipped, or the report stops before
             measuring anything when none is readable). None: λ₁ on random frames, no onset test.
+        spec: what to measure (:class:`~recstab.diagnostics.measure.MeasureSpec` or its config: the
+            ``diagnostics`` group). Without it, the spec is made of ``spectra_n``, ``trf_kwargs``,
+            ``lyapunov_kwargs`` (``frames`` 0: off; default 200 frames, 64 px) and ``onset_kwargs``.
         sigma, task: degradation of the onset test and of λ₁'s clip (sigma on the [0, 1] scale).
-        trf_kwargs: arguments of :func:`temporal_receptive_field` (frames, size, iters, lr, seed, ...).
-        onset_kwargs: further arguments of :func:`instability_onsets` (chunk, seed, max_frames,
-            progress_every, ...).
-        lyapunov_kwargs: ``frames`` (clip length, default 200; 0 turns λ₁ off), ``size`` (centre
-            crop, default 64), the rest goes to :func:`recstab.diagnostics.lyapunov_exponent`.
-        spectra_n: map size n of the exact conv spectra.
         burst, overlap: diagnose the model run burst by burst (appendix E) instead.
         dampening: diagnose the model with feature dampening λ (appendix F).
         resume: continue a killed report in the same folder: the onset test from its progress
-            file, the TRF from trf.pt when its settings match.
-        run: W&B run or Lightning WandbLogger to log to (optional).
+            file, the TRF from trf.pt when it measured this very model at these settings.
     """
+    if spec is None:
+        lyapunov = {"frames": 200, "size": 64, **dict(lyapunov_kwargs or {})}
+        spec = MeasureSpec(name="custom", spectra_n=spectra_n, trf=dict(trf_kwargs or {}),
+                           lyapunov=lyapunov if int(lyapunov["frames"]) else None,
+                           onsets=dict(onset_kwargs or {}))
+    spec = as_spec(spec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trf_kwargs, onset_kwargs = dict(trf_kwargs or {}), dict(onset_kwargs or {})
-    lyapunov_kwargs = dict(lyapunov_kwargs or {})
-    lyap_frames, lyap_size = int(lyapunov_kwargs.pop("frames", 200)), lyapunov_kwargs.pop("size", 64)
     task = task or traits(model).task
-    report = StabilityReport(name=name or type(model).__name__)
-    report.settings = {"sigma": sigma, "task": task, "spectra_n": spectra_n, "burst": burst, "overlap": overlap,
+    own = getattr(model, "name", None)  # a wrapped model's (recstab.models.adapter) or a built model's name
+    report = StabilityReport(name=name or (own if isinstance(own, str) else type(model).__name__),
+                             measurements=Measurements(spec))
+    report.settings = {"sigma": sigma, "task": task, "burst": burst, "overlap": overlap,
                        "dampening": traits(model).dampening if dampening is None else dampening,
-                       "trf": trf_kwargs, "onsets": onset_kwargs,
-                       "lyapunov": {"frames": lyap_frames, "size": lyap_size, **lyapunov_kwargs}}
+                       "diagnostics": dataclasses.asdict(spec)}
     report.files = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
     start = time.perf_counter()
 
@@ -168,118 +165,39 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
         probe()
     report.skipped_files = list(getattr(clean_frames, "skipped", []))
 
-    def write() -> None:
-        report.verdict, report.notes = _decide(report, burst)
+    def write(section: str | None = None, measurements: Measurements | None = None) -> None:
+        report.skipped_files = list(getattr(clean_frames, "skipped", report.skipped_files))
+        if section == "spectra" and report.spectra is not None and report.spectra.values:
+            report.files["spectra"] = _save_spectra(report.spectra, out_dir / "spectra.png")
+        if section == "trf" and report.trf is not None:
+            report.files["trf"] = report.trf.save_png(out_dir / "trf.png")
+            if report.trf.verdict == "unbounded":
+                report.files["trf_sequence"] = _save_sequence(model, report.trf, out_dir, burst, overlap)
+        if section == "onsets" and report.onsets is not None:
+            report.files["onsets"] = report.onsets.save_png(out_dir / "onsets.png")
+            report.files["onsets_progress"] = out_dir / "onsets_progress.pt"
+        report.extra_notes = []
+        if "trf_sequence" in report.files and report.trf is not None and report.trf.verdict == "unbounded":
+            report.extra_notes.append(f"the diverging TRF sequence is saved in {Path(report.files['trf_sequence']).name}"
+                                      " (inputs X, outputs Y; replay: model(X[None]))")
         if burst is not None:
-            report.notes.append(f"diagnosed burst by burst (burst={burst}, overlap={overlap}); the certificate "
-                                "is the underlying model's")
-        for path, reason in report.skipped_files:
-            report.notes.append(f"skipped unreadable video {path}: {reason}")
+            report.extra_notes.append(f"diagnosed burst by burst (burst={burst}, overlap={overlap}); the certificate "
+                                      "is the underlying model's")
+        report.extra_notes += [f"skipped unreadable video {path}: {reason}" for path, reason in report.skipped_files]
         report.settings["seconds"] = time.perf_counter() - start
         _atomic_write(report.files["json"], json.dumps(report.to_dict(), indent=2, default=engine.json_value))
         _atomic_write(report.files["markdown"], markdown(report))
 
-    def section(key: str, measure) -> None:
-        t = time.perf_counter()
-        try:
-            status = measure() or "done"
-            report.sections[key] = {"status": status, "seconds": time.perf_counter() - t}
-        except Exception as error:  # recorded, the other sections still run
-            log.error("report section %s failed: %s", key, error, exc_info=True)
-            report.sections[key] = {"status": "failed", "seconds": time.perf_counter() - t,
-                                    "error": f"{type(error).__name__}: {error}",
-                                    "traceback": traceback.format_exc(limit=8)}
-        write()
-
-    with evaluating(model, dampening):
-        subject = BurstProcessor(model, burst, overlap) if burst is not None else model
-
-        def spectra():
-            report.spectra = conv_spectra(model, spectra_n)
-            if report.spectra.values:
-                report.files["spectra"] = _save_spectra(report.spectra, out_dir / "spectra.png")
-
-        def certificate():
-            report.certificate = engine.certificate(model)
-            if report.certificate is None:
-                return "skipped: the model is not a VideoModel (no loop structure stated)"
-
-        def trf():
-            report.trf = _load_trf(out_dir, trf_kwargs) if resume else None
-            if report.trf is None:
-                report.trf = engine.trf(subject, **trf_kwargs)
-                torch.save({"settings": trf_kwargs, "result": _fields(report.trf)}, out_dir / "trf.pt")
-            report.files["trf"] = report.trf.save_png(out_dir / "trf.png")
-            if report.trf.verdict == "unbounded":
-                report.files["trf_sequence"] = _save_sequence(subject, report.trf, out_dir)
-
-        def lyapunov():
-            if lyap_frames == 0:
-                return "skipped: lyapunov.frames = 0"
-            if burst is not None:
-                return "skipped: burst-by-burst processing resets the state (finite memory)"
-            if not traits(model).streamable:
-                return "skipped: the model is bidirectional (no forward recurrence to measure)"
-            seed = int(onset_kwargs.get("seed", 0))
-            clip = engine.lyapunov_input(model, clean_frames, lyap_frames, sigma=sigma, task=task, seed=seed,
-                                         size=lyap_size)
-            report.lyapunov_on = clip.description
-            report.lyapunov = engine.lyapunov(model, clip.clip, **lyapunov_kwargs)
-
-        def onsets():
-            if clean_frames is None:
-                return "skipped: no clean frames given"
-            if burst is None and not traits(model).streamable:
-                return "skipped: the model is bidirectional (not streamable); use burst="
-            try:
-                report.onsets = engine.onsets(model, clean_frames, sigma, task=task, burst=burst, overlap=overlap,
-                                              progress=out_dir / "onsets_progress.pt", resume=resume,
-                                              **onset_kwargs)
-            finally:  # files skipped mid-stream, even when the stream then failed
-                report.skipped_files = list(getattr(clean_frames, "skipped", report.skipped_files))
-            report.files["onsets"] = report.onsets.save_png(out_dir / "onsets.png")
-            report.files["onsets_progress"] = out_dir / "onsets_progress.pt"
-
-        for key, measure in zip(SECTIONS, (spectra, certificate, trf, lyapunov, onsets)):
-            section(key, measure)
-
-    if run is not None:
-        log_report(run, report)
+    measure(model, spec, clean_frames=clean_frames, sigma=sigma, task=task, dampening=dampening, burst=burst,
+            overlap=overlap, workdir=out_dir, resume=resume, done=report.measurements, on_section=write)
+    write()
     return report
 
 
-def _decide(report: StabilityReport, burst: int | None) -> tuple[str, list]:
-    verdict, notes = engine.decide(report.certificate, report.trf, report.onsets, report.lyapunov,
-                                   measured_on=report.lyapunov_on, finite_memory=burst)
-    if "trf_sequence" in report.files and report.trf is not None and report.trf.verdict == "unbounded":
-        notes.append(f"the diverging TRF sequence is saved in {Path(report.files['trf_sequence']).name} "
-                     "(inputs X, outputs Y; replay: model(X[None]))")
-    for key, info in report.sections.items():
-        if info["status"] == "failed":
-            notes.append(f"section {key} FAILED: {info['error']}")
-    return verdict, notes
-
-
-def _fields(result) -> dict:
-    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-
-
-def _load_trf(out_dir: Path, trf_kwargs: dict) -> TRFResult | None:
-    """The TRF a killed run of this report already computed, when its settings are these."""
-    path = out_dir / "trf.pt"
-    if not path.is_file():
-        return None
-    saved = torch.load(path, weights_only=False)  # written by this module, next to the report
-    if saved.get("settings") != trf_kwargs:
-        return None
-    try:
-        return TRFResult(**saved["result"])
-    except TypeError:  # written by another version of TRFResult
-        return None
-
-
-def _save_sequence(subject: nn.Module, trf: TRFResult, out_dir: Path) -> Path:
+def _save_sequence(model: nn.Module, trf: TRFResult, out_dir: Path, burst: int | None = None,
+                   overlap: int = 0) -> Path:
     """Save the TRF's diverging sequence and replay it: the proof, checkable by anyone."""
+    subject = BurstProcessor(model, burst, overlap) if burst is not None else model
     path = out_dir / "trf_unbounded_sequence.pt"
     with torch.no_grad():
         param = next(iter(subject.parameters()), None)
@@ -395,15 +313,3 @@ def _save_spectra(spectra: ConvSpectra, path: Path) -> Path:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def log_report(run, report: StabilityReport) -> None:
-    """Send the report's numbers and images to a W&B run (or a Lightning WandbLogger)."""
-    import wandb
-    experiment = getattr(run, "experiment", run)
-    payload = dict(report.metrics())
-    for key, path in report.files.items():
-        if str(path).endswith(".png"):
-            payload[f"report/{key}"] = wandb.Image(str(path))
-    experiment.log(payload)
-    experiment.summary["stability/verdict"] = report.verdict

@@ -27,7 +27,9 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from recstab.diagnostics.engine import json_value
 from recstab.lit.preflight import check_checkpoint, check_writable
+from recstab.lit.publish import publish_summary
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +145,13 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
                 best = cfg.get("ckpt_path") or ""
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
-        for callback in callbacks:  # diagnostics that ran outside the logged metrics (TRF, onsets)
+        for callback in callbacks:  # the final stability measurement, the sweeps' table measurements
             metrics.update(getattr(callback, "summary", dict)())
+        publish_summary(loggers, metrics)  # the W&B run summary holds what metrics.json holds
     finally:
         finish_wandb()
     out = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=json_value))
     log.info("outputs in %s (final metrics in metrics.json)", out)
     return metrics

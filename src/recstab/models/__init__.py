@@ -15,7 +15,9 @@ import inspect
 from torch import nn
 
 from recstab.models.backbones import BACKBONES, he_init_
-from recstab.models.certificate import LoopCertificate
+from recstab.models.adapter import ClipModel, StepModel
+from recstab.models.certificate import (LoopCertificate, chain_certificate, default_conv_norm, triangular_certificate,
+                                        unbounded_certificate)
 from recstab.models.connections import (CONNECTIONS, RECURRENCES, BiRLSP, FeatureRecurrence, FeatureShift,
                                         FrameRecurrence, NoRecurrence, RLSP, TemporalConnection, connection)
 from recstab.models.interface import TASKS, StreamingNotSupported, VideoModel, check_clip
@@ -75,7 +77,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["build_model", "count_parameters", "VideoModel", "RecurrentVideoModel", "StreamingNotSupported",
+__all__ = ["build_model", "count_parameters", "VideoModel", "StepModel", "ClipModel", "chain_certificate",
+           "triangular_certificate", "unbounded_certificate", "default_conv_norm", "RecurrentVideoModel", "StreamingNotSupported",
            "LoopCertificate", "TemporalConnection", "NoRecurrence", "FeatureShift", "FeatureRecurrence",
            "FrameRecurrence", "RLSP", "BiRLSP", "CONNECTIONS", "connection", "check_clip",
            "BACKBONES", "RECURRENCES", "TASKS", "INITS", "he_init_"]

@@ -6,20 +6,12 @@ sweeps/common/measure.yaml). After ``trainer.test`` — so it runs for training 
 ckpt_path=...``: Tables 7 and Fig. 12) alike — it measures, on rank 0:
 
 - ``params``: number of parameters (Table 1);
-- ``spectra``: the exact singular values of every conv (the operator on an n×n map, never
-  the reshaped kernel): mean/max spectral norm σ₁ and the stable rank, also relative to its
-  maximum, srank/(n²·min(c_in, c_out)) — the area under the normalised spectrum the paper
-  draws (Tables 2, 3, 5–8);
-- ``certificate``: the loop certificate L̂ and whether it certifies (L̂ < 1);
-- ``trf``: the TRF stress test: verdict, extent, growth rate, |p| (Tables 2–8);
-- ``onsets``: the long-video onset test on a long video (``video: long``) or on appendix H's
-  scene-change sequences (``video: scenes``, ``repeats`` sequences pooled), optionally burst
-  by burst (Fig. 9): 1st/9th deciles, number of instabilities and of feedback divergences,
-  mean PSNR over the stream;
-
-All of them are measured by :mod:`recstab.diagnostics.engine`, under its keys
-(``spectra/*``, ``stability/*``, ``long/*``), the same the stability report and the
-training callbacks log.
+- one :func:`recstab.diagnostics.measure` of the tested weights with the ``diagnostics`` spec
+  (the preset every caller uses: ``conf/diagnostics/``): exact conv spectra, the loop
+  certificate L̂, the TRF stress test, λ₁ and the onset test — on a long video (``video: long``)
+  or on appendix H's scene-change sequences (``video: scenes``, ``repeats`` sequences pooled),
+  optionally burst by burst (Fig. 9) — and the verdict decided on exactly these numbers. The
+  row's verdict and its TRF/λ₁/onset columns in ``src/report.py`` are this measurement's;
 - ``fps``: frames per second at 448×256 on the current device, frame by frame as a video
   would be processed (Table 1);
 - the device: ``CUDA_VISIBLE_DEVICES``, the CUDA devices torch sees, the device the model
@@ -34,15 +26,17 @@ even if the module came from a checkpoint's hyper-parameters.
 Outputs in the run dir (``trainer.default_root_dir``): ``measurements.json`` (what
 src/report.py reads, next to metrics.json), ``device.json`` (written as soon as the run
 starts), ``measure/trf.png``, ``measure/onsets.png`` and ``measure/long_psnr.npy``;
-the scalars also go to every logger (W&B, CSV) under ``split/name`` keys.
+the scalars also go to every logger (W&B, CSV) under ``split/name`` keys
+(:mod:`recstab.lit.publish`).
 
-``debug``/``smoke``: under ``debug=smoke`` (``debug: ${hydra:runtime.choices.debug}``)
-the sizes in ``smoke`` replace the paper's, so a whole sweep runs in a minute on a CPU.
-A part that is off (null) stays off.
+``debug``/``smoke``: under ``debug=smoke`` (``debug: ${hydra:runtime.choices.debug}``) the
+``diagnostics`` preset is ``smoke`` and the scene sequences, long video and fps clip shrink to
+the ``smoke`` sizes, so a whole sweep runs in a minute on a CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -56,7 +50,8 @@ import torch
 from torch.nn.utils import parametrize
 
 from recstab.diagnostics import engine
-from recstab.models.dampening import evaluating
+from recstab.diagnostics.measure import as_spec, measure
+from recstab.lit.publish import publish_image, publish_metrics
 from recstab.models.interface import traits
 
 log = logging.getLogger(__name__)
@@ -134,42 +129,50 @@ def measure_fps(model: torch.nn.Module, height: int = 256, width: int = 448, fra
 
 
 class TableMeasurements(L.Callback):
-    """Measure params, spectra, TRF, onsets and fps after testing (see the module docstring).
+    """What a paper table measures after testing: one :func:`recstab.diagnostics.measure` of the tested
+    weights (the ``diagnostics`` spec), plus params and fps (see the module docstring).
 
     Args:
+        diagnostics: the :class:`~recstab.diagnostics.MeasureSpec` (or its config): spectra, certificate,
+            TRF, λ₁ and the onset test's sizes, the same for every caller.
         params: count the parameters.
-        spectra_n: map size n of the exact conv spectra (None: off).
-        certificate: the loop certificate L̂ (``stability/bound``, ``stability/certified``).
-        trf: keyword arguments of ``temporal_receptive_field`` (frames, size, iters, lr, seed,
-            threshold, growth_tol); None: off.
-        onsets: ``video`` (long | scenes), ``sigma`` (0-255 scale), ``long_video`` (LongVideo
-            kwargs), ``scenes`` (n_distinct, total_frames, size, repeats, split), and
-            ``instability_onsets`` kwargs (chunk, seed, max_frames, burst, overlap); None: off.
+        video: what the onset test streams: ``long`` (``long_video``, a LongVideo) or ``scenes``
+            (appendix H's scene-change sequences, ``scenes``; ``repeats`` sequences, pooled).
+        long_video: :class:`recstab.data.long_video.LongVideo` keyword arguments (the long_video group).
+        scenes: n_distinct, total_frames, size, repeats, seed, split of
+            :func:`recstab.data.synthetic.synthetic_scene_changes`.
+        sigma: noise std on the 0-255 scale (the task's).
+        burst, overlap: measure the model run burst by burst (appendix E, Fig. 9).
         fps: height, width, frames, warmup of :func:`measure_fps`; None: off.
         dampening: the evaluation λ the config asks for (``${module.dampening}``); None: the module's.
         require_checkpoint: refuse to test without a checkpoint (``ckpt_path``): evaluation sweeps
             (Table 7, Fig. 12) would otherwise measure an untrained model.
-        debug: the ``debug`` config choice; ``smoke`` applies the ``smoke`` sizes.
-        smoke: sizes merged into spectra_n/trf/onsets/fps under debug=smoke.
+        debug: the ``debug`` config choice; ``smoke`` merges ``smoke`` into scenes/long_video/fps.
+        smoke: smaller ``scenes``, ``long_video`` and ``fps`` under debug=smoke (the spec has its own preset).
     """
 
-    def __init__(self, params: bool = True, spectra_n: int | None = 64, certificate: bool = True,
-                 trf: dict | None = None,
-                 onsets: dict | None = None, fps: dict | None = None, dampening: float | None = None,
-                 require_checkpoint: bool = False, debug: str | None = None, smoke: dict | None = None):
+    def __init__(self, diagnostics=None, params: bool = True, video: str = "long", long_video: dict | None = None,
+                 scenes: dict | None = None, sigma: float = 30.0, burst: int | None = None, overlap: int = 0,
+                 fps: dict | None = None, dampening: float | None = None, require_checkpoint: bool = False,
+                 debug: str | None = None, smoke: dict | None = None):
+        if video not in ("long", "scenes"):
+            raise ValueError(f"video must be 'long' or 'scenes', got {video!r}")
+        if not 0 <= sigma <= 255:
+            raise ValueError(f"sigma is on the 0-255 scale (e.g. 30), got {sigma}")
         small = dict(smoke or {}) if debug == "smoke" else {}
+        self.spec = as_spec(diagnostics)
         self.params = bool(params)
-        self.certificate = bool(certificate)
-        self.spectra_n = small.get("spectra_n", spectra_n) if spectra_n is not None else None
-        self.trf = merged(trf, small.get("trf"))
-        self.onsets = merged(onsets, small.get("onsets"))
+        self.video = video
+        self.long_video = merged(dict(long_video or {}), small.get("long_video"))
+        self.scenes = merged(dict(scenes or {}), small.get("scenes"))
+        self.sigma = float(sigma)
+        self.burst, self.overlap = burst, int(overlap)
         self.fps = merged(fps, small.get("fps"))
-        if self.onsets is not None and self.onsets.get("video", "long") not in ("long", "scenes"):
-            raise ValueError(f"onsets.video must be 'long' or 'scenes', got {self.onsets.get('video')!r}")
         self.dampening = None if dampening is None else float(dampening)
         self.require_checkpoint = bool(require_checkpoint)
         self.device: dict = {}
         self.results: dict = {}
+        self.measurements = None
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -199,35 +202,38 @@ class TableMeasurements(L.Callback):
         was_training = model.training
         model.eval()
         results: dict = {"eval/dampening": dampening}
-        extra: dict = {"device": self.device}
         try:
             with torch.inference_mode(False):
                 if self.params:
                     results["params/count"] = float(sum(p.numel() for p in model.parameters()))
-                if self.spectra_n:
-                    measured = engine.conv_spectra(model, int(self.spectra_n))
-                    results.update(measured.metrics())
-                    extra["convs"] = measured.rows
-                if self.certificate:
-                    with evaluating(model, dampening):
-                        cert = engine.certificate(model)
-                    results.update(engine.certificate_metrics(cert))
-                    extra["certificate"] = None if cert is None else {"bound": cert.bound, "norm": cert.norm}
-                if self.trf is not None:
-                    results.update(self._trf(model, dampening, out, extra))
-                if self.onsets is not None:
-                    results.update(self._onsets(model, dampening, out, extra))
+                spec = self.spec if list(model.parameters()) else self.spec.only("certificate", "onsets")
+                streams = self._streams(model) if spec.onsets is not None or spec.lyapunov is not None else []
+                self.measurements = m = measure(model, spec, clean_frames=streams[0] if streams else None,
+                                                onset_streams=streams if spec.onsets is not None else None,
+                                                sigma=self.sigma / 255, dampening=dampening,
+                                                burst=self.burst, overlap=self.overlap)
+                results.update(m.summary())
                 if self.fps is not None:
                     with torch.no_grad():
                         results["speed/fps"] = measure_fps(model, **self.fps)
-                    extra["fps"] = {**self.fps, "device_name": device_name(pl_module.device)}
         finally:
             model.train(was_training)
         self.results = results
+        files = self._write_figures(trainer, m, out)
+        extra = {"verdict": m.verdict, "notes": m.notes, "sections": m.sections, "device": self.device,
+                 "diagnostics": dataclasses.asdict(m.spec), "convs": m.spectra.rows if m.spectra else [],
+                 "certificate": None if m.certificate is None else {"bound": m.certificate.bound,
+                                                                     "norm": m.certificate.norm},
+                 "trf": None if m.trf is None else {"verdict": m.trf.verdict, "extent": m.trf.extent,
+                                                    "reason": m.trf.reason},
+                 "onsets": {"onsets": [int(o) for r in m.onsets for o in r.onsets], "sequences": len(m.onsets),
+                            "frames": int(sum(r.frames for r in m.onsets)), "video": self.video,
+                            "burst": self.burst, "overlap": self.overlap} if m.onsets else None,
+                 "fps": None if self.fps is None else {**self.fps, "device_name": device_name(pl_module.device)},
+                 "files": {k: str(v) for k, v in files.items()}}
         (out / "measurements.json").write_text(json.dumps({"metrics": results, **extra}, indent=2,
                                                           default=engine.json_value))
-        for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in results.items() if isinstance(v, float)}, step=trainer.global_step)
+        publish_metrics(trainer, results, trainer.global_step)
         log.info("table measurements: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
 
     # ------------------------------------------------------------------ parts
@@ -240,48 +246,32 @@ class TableMeasurements(L.Callback):
             Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
             (Path(trainer.default_root_dir) / "device.json").write_text(json.dumps(self.device, indent=2))
 
-    def _trf(self, model, dampening: float, out: Path, extra: dict) -> dict:
-        if not list(model.parameters()):
-            return {}  # no network to diagnose (BM3D)
-        trf = engine.trf(model, dampening=dampening, **self.trf)
-        trf.save_png(out / "measure" / "trf.png")
-        extra["trf"] = {"verdict": trf.verdict, "extent": trf.extent, "reason": trf.reason, **self.trf}
-        return engine.trf_metrics(trf)
-
-    def _onsets(self, model, dampening: float, out: Path, extra: dict) -> dict:
-        cfg = dict(self.onsets)
-        burst = cfg.get("burst")
-        if not traits(model).streamable and burst is None:
-            extra["onsets"] = {"skipped": "bidirectional model: no streaming onset test"}
-            return {}
-        kwargs = {k: cfg[k] for k in ("chunk", "seed", "max_frames", "burst", "overlap") if k in cfg}
-        sigma = float(cfg.get("sigma", 30.0)) / 255
+    def _streams(self, model) -> list:
+        """The onset test's stream(s): the long video, or ``repeats`` scene-change sequences."""
         channels = traits(model).in_channels
-        runs = []
-        if cfg.get("video", "long") == "long":
+        if self.video == "long":
             from recstab.data.long_video import LongVideo
-            lv = dict(cfg.get("long_video") or {})
+            lv = dict(self.long_video)
             if lv.get("gray") is None:
                 lv["gray"] = channels == 1
             video = LongVideo(**lv)
             video.probe()
-            runs.append(engine.onsets(model, video, sigma, dampening=dampening, **kwargs))
-        else:
-            from recstab.data.synthetic import synthetic_scene_changes
-            sc = dict(cfg.get("scenes") or {})
-            total = int(sc.get("total_frames", 2048))
-            n = min(int(sc.get("n_distinct", 1)), total)  # smoke sequences are shorter than n
-            for r in range(int(sc.get("repeats", 1))):
-                video = synthetic_scene_changes(n, total, int(sc.get("size", 64)), channels,
-                                                seed=int(sc.get("seed", 0)) + r, split=sc.get("split", "test"))
-                runs.append(engine.onsets(model, video, sigma, dampening=dampening,
-                                          **{**kwargs, "seed": int(kwargs.get("seed", 0)) + r}))
-        onsets = [o for run in runs for o in run.onsets]
-        (out / "measure").mkdir(parents=True, exist_ok=True)
-        np.save(out / "measure" / "long_psnr.npy", runs[0].psnr)
-        runs[0].save_png(out / "measure" / "onsets.png")
-        extra["onsets"] = {"onsets": [int(o) for o in onsets], "sequences": len(runs),
-                           "frames": int(sum(run.frames for run in runs)), **cfg}
-        metrics = engine.onset_metrics(runs)
-        metrics["long/fps"] = float(np.mean([run.fps for run in runs]))  # per sequence, as the tables report it
-        return metrics
+            return [video]
+        from recstab.data.synthetic import synthetic_scene_changes
+        sc = self.scenes
+        total = int(sc.get("total_frames", 2048))
+        n = min(int(sc.get("n_distinct", 1)), total)  # smoke sequences are shorter than n
+        return [synthetic_scene_changes(n, total, int(sc.get("size", 64)), channels, seed=int(sc.get("seed", 0)) + r,
+                                        split=sc.get("split", "test")) for r in range(int(sc.get("repeats", 1)))]
+
+    def _write_figures(self, trainer: L.Trainer, m, out: Path) -> dict:
+        files = {}
+        if m.trf is not None:
+            files["trf"] = m.trf.save_png(out / "measure" / "trf.png")
+            publish_image(trainer, "measure/trf", files["trf"], trainer.global_step)
+        if m.onsets:
+            (out / "measure").mkdir(parents=True, exist_ok=True)
+            np.save(out / "measure" / "long_psnr.npy", m.onsets[0].psnr)
+            files["onsets"] = m.onsets[0].save_png(out / "measure" / "onsets.png")
+            publish_image(trainer, "measure/onsets", files["onsets"], trainer.global_step)
+        return files

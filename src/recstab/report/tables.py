@@ -38,6 +38,10 @@ from omegaconf import DictConfig, OmegaConf
 SWEEPS = Path(__file__).resolve().parents[3] / "sweeps"
 FAILED = "failed"  # our value in every column of a row whose every job raised (failed.json)
 
+MEASURED = ("stability/", "spectra/", "long/")  # the keys of one stability measurement (diagnostics.measure)
+STABLE_MARK = {"certified stable": "✓ (certified)", "empirically stable": "✓", "proven unstable": "✗",
+               "inconclusive": "?"}
+
 # column -> (header, metric key or None for derived columns, format)
 COLUMNS = {
     "params": ("# param.", "params/count", "params"),
@@ -127,8 +131,9 @@ def load_run(path: Path) -> Run | None:
     else:
         notes.append("no metrics.json (unfinished?)")
     extra = {}
-    if (path / "measurements.json").is_file():
-        extra = json.loads((path / "measurements.json").read_text())
+    if (path / "measurements.json").is_file():  # the sweep's measurement of the tested weights: every stability
+        extra = json.loads((path / "measurements.json").read_text())  # column and the verdict come from it alone
+        metrics = {k: v for k, v in metrics.items() if not k.startswith(MEASURED)}
         metrics.update(extra.get("metrics", {}))
     metrics["_device_name"] = (extra.get("device") or {}).get("device_name")
     metrics["_fps_size"] = (extra.get("fps") or {})
@@ -222,13 +227,9 @@ def our_value(column: str, runs: list[Run], notes: set, last_frame: bool = True)
         if all(v < 0.5 for v in verdicts):
             return f"bounded ({extent:.0f} fr.)" if extent is not None else "bounded"
         return f"mixed ({sum(v >= 0.5 for v in verdicts)}/{len(verdicts)} unbounded)"
-    if column == "stable":
-        d1 = _mean([m.get("long/onset_d1") for m in ms])
-        trf = our_value("trf", runs, notes)
-        if d1 is None and trf is None:
-            return None
-        unstable = (d1 is not None and not math.isinf(d1)) or (trf is not None and not trf.startswith("bounded"))
-        return "✗" if unstable else "✓"
+    if column == "stable":  # the measurement's own verdict (recstab.diagnostics.engine.decide), in one symbol
+        marks = {STABLE_MARK.get(m.get("stability/verdict"), "?") for m in ms if m.get("stability/verdict")}
+        return " / ".join(sorted(marks)) or None
     if column not in COLUMNS:
         raise KeyError(f"unknown column {column!r}; columns: psnr_1..psnr_T, psnr_7, {', '.join(COLUMNS)}")
     if COLUMNS[column][2] == "text":  # a string metric (the verdict): the runs' values, joined when they differ

@@ -1,0 +1,317 @@
+"""One measurement of a model's stability: ``measure(model, spec) -> Measurements``.
+
+Every caller measures through this function with a :class:`MeasureSpec` chosen once, the
+``diagnostics`` config group (``conf/diagnostics/{cpu,paper,smoke}.yaml``):
+
+- the training monitor (:class:`recstab.lit.stability_callbacks.StabilityMonitor`): the spec's
+  certificate, TRF and λ₁ at validations, the whole spec at the end of training;
+- ``src/diagnose.py`` (:func:`recstab.diagnostics.stability_report`): the whole spec, written
+  section by section, resumable;
+- the sweeps' end-of-run measurements (:class:`recstab.report.TableMeasurements`): the whole
+  spec on the tested weights; the row's verdict is this measurement's;
+- ``src/stabilise.py``: certificate, TRF and λ₁ before and after.
+
+So a verdict always sits next to the numbers it was decided on, under one key namespace
+(``spectra/*``, ``stability/*``, ``long/*``: :mod:`recstab.diagnostics.engine`), decided by one
+rule (:func:`recstab.diagnostics.engine.decide`).
+
+Sections, in order: ``spectra`` (exact conv spectra on n×n), ``certificate`` (the loop
+certificate L̂), ``trf`` (the TRF stress test), ``lyapunov`` (λ₁ of the state on the first
+frames of the stream), ``onsets`` (the long-video onset test). A section the spec leaves out
+(``None`` / false) is not run; a section that raises is recorded (``errors``) and the others
+still run. Nothing here logs to W&B or writes files except the resumable work files of a
+``workdir`` (``trf.pt``, ``onsets_progress.pt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from recstab.diagnostics import engine
+from recstab.diagnostics.onsets import BurstProcessor
+from recstab.models.dampening import evaluating
+from recstab.models.interface import traits
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("spectra", "certificate", "trf", "lyapunov", "onsets")
+
+
+@dataclass
+class MeasureSpec:
+    """What to measure and at what size (one ``conf/diagnostics/*.yaml``). ``None`` turns a section off."""
+
+    name: str = "cpu"                       # the preset's name (recorded with the measurements)
+    spectra_n: int | None = 64              # exact conv spectra on an n×n map
+    certificate: bool = True                # the loop certificate L̂ (a theorem when < 1)
+    trf: dict | None = field(default_factory=lambda: {"frames": 81, "size": 32, "iters": 50})
+    lyapunov: dict | None = field(default_factory=lambda: {"frames": 120, "size": 32, "burn_in": 20})
+    onsets: dict | None = field(default_factory=lambda: {"max_frames": 600, "chunk": 16, "seed": 0})
+
+    def __post_init__(self) -> None:
+        from recstab.diagnostics.lyapunov import lyapunov_exponent
+        from recstab.diagnostics.trf import temporal_receptive_field
+
+        if self.spectra_n is not None and (isinstance(self.spectra_n, bool) or int(self.spectra_n) != self.spectra_n
+                                           or self.spectra_n < 1):
+            raise ValueError(f"spectra_n must be an int >= 1 or null (off), got {self.spectra_n!r}")
+        # the settings a preset may hold (the rest is the caller's: model, input, noise, dampening, files)
+        allowed = {"trf": set(inspect_parameters(temporal_receptive_field)) - {"model", "dampening", "device"},
+                   "lyapunov": set(inspect_parameters(lyapunov_exponent)) - {"model", "sigma", "dampening", "device"}
+                   | {"size"},
+                   "onsets": {"chunk", "seed", "max_frames", "prefetch", "progress_every"}}
+        for key, known in allowed.items():
+            settings = getattr(self, key)
+            if settings is None:
+                continue
+            if not isinstance(settings, dict):
+                raise ValueError(f"diagnostics.{key} must be a mapping of settings or null (off), got {settings!r}")
+            setattr(self, key, dict(settings))
+            unknown = sorted(set(settings) - known)
+            if unknown:
+                raise ValueError(f"diagnostics.{key}: unknown setting(s) {', '.join(unknown)}; "
+                                 f"valid: {', '.join(sorted(known))}")
+        if self.lyapunov is not None and int(self.lyapunov.get("frames", 120)) < 2:
+            raise ValueError(f"diagnostics.lyapunov.frames must be >= 2 (or lyapunov: null), got "
+                             f"{self.lyapunov.get('frames')}")
+
+    def only(self, *sections: str) -> MeasureSpec:
+        """The same spec with every section but ``sections`` turned off."""
+        bad = sorted(set(sections) - set(SECTIONS))
+        if bad:
+            raise ValueError(f"unknown section(s) {bad}; valid: {', '.join(SECTIONS)}")
+        off = {"spectra": {"spectra_n": None}, "certificate": {"certificate": False}, "trf": {"trf": None},
+               "lyapunov": {"lyapunov": None}, "onsets": {"onsets": None}}
+        changes = {k: v for s in SECTIONS if s not in sections for k, v in off[s].items()}
+        return dataclasses.replace(self, **changes)
+
+    def runs(self, section: str) -> bool:
+        return {"spectra": self.spectra_n is not None, "certificate": bool(self.certificate),
+                "trf": self.trf is not None, "lyapunov": self.lyapunov is not None,
+                "onsets": self.onsets is not None}[section]
+
+
+def inspect_parameters(function) -> list[str]:
+    import inspect
+    return list(inspect.signature(function).parameters)
+
+
+def as_spec(spec) -> MeasureSpec:
+    """A :class:`MeasureSpec` from a spec, a config dict (with or without ``_target_``) or None (the defaults)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if spec is None:
+        return MeasureSpec()
+    if isinstance(spec, MeasureSpec):
+        return spec
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if not isinstance(spec, dict):
+        raise ValueError(f"diagnostics must be a MeasureSpec or its config, got {spec!r}")
+    spec = {k: v for k, v in spec.items() if k != "_target_"}
+    fields = {f.name for f in dataclasses.fields(MeasureSpec)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise ValueError(f"diagnostics: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    return MeasureSpec(**spec)
+
+
+@dataclass
+class Measurements:
+    """The results of one :func:`measure` call, its verdict and the reasons behind it."""
+
+    spec: MeasureSpec
+    spectra: object | None = None           # engine.ConvSpectra
+    certificate: object | None = None       # recstab.models.certificate.LoopCertificate
+    trf: object | None = None               # recstab.diagnostics.trf.TRFResult
+    lyapunov: object | None = None          # recstab.diagnostics.lyapunov.LyapunovResult
+    lyapunov_on: str | None = None          # what λ₁ was measured on, in words
+    onsets: list = field(default_factory=list)  # OnsetResult per stream (pooled in the metrics)
+    verdict: str = "inconclusive"
+    notes: list = field(default_factory=list)
+    sections: dict = field(default_factory=dict)  # section -> {"status": done|skipped: why|failed, "seconds", "error"}
+    finite_memory: int | None = None        # burst length when the model was measured burst by burst
+
+    def decide(self) -> None:
+        """(Re)compute the verdict and the notes from what is measured (:func:`engine.decide`)."""
+        onset = None
+        if self.onsets:  # the stream with a feedback divergence decides; else the one with most onsets
+            onset = max(self.onsets, key=lambda r: (r.diverged, r.n_onsets))
+        self.verdict, self.notes = engine.decide(self.certificate, self.trf, onset, self.lyapunov,
+                                                 measured_on=self.lyapunov_on, finite_memory=self.finite_memory)
+        for key, info in self.sections.items():
+            if info["status"] == "failed":
+                self.notes.append(f"section {key} FAILED: {info['error']}")
+
+    @property
+    def metrics(self) -> dict:
+        """Flat scalars, one namespace: ``spectra/*``, ``stability/*``, ``long/*`` (see :mod:`.engine`)."""
+        out = engine.verdict_metrics(self.verdict)
+        if self.spectra is not None:
+            out.update(self.spectra.metrics())
+        out.update(engine.certificate_metrics(self.certificate))
+        if self.trf is not None:
+            out.update(engine.trf_metrics(self.trf))
+        out.update(engine.lyapunov_metrics(self.lyapunov))
+        if self.onsets:
+            out.update(engine.onset_metrics(self.onsets))
+        return out
+
+    def summary(self) -> dict:
+        """The metrics and the words: ``stability/verdict``, ``stability/trf_verdict``, ``stability/norm``."""
+        words = {"stability/verdict": self.verdict, "stability/diagnostics": self.spec.name}
+        if self.trf is not None:
+            words["stability/trf_verdict"] = self.trf.verdict
+        if self.certificate is not None:
+            words["stability/norm"] = self.certificate.norm
+        return {**self.metrics, **words}
+
+
+def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30 / 255, task: str | None = None,
+            dampening: float | None = None, burst: int | None = None, overlap: int = 0,
+            onset_streams: list | None = None, workdir: str | Path | None = None, resume: bool = False,
+            done: Measurements | None = None,
+            on_section: Callable[[str, Measurements], None] | None = None) -> Measurements:
+    """Measure `model` as `spec` says (see the module docstring) and decide its verdict.
+
+    Args:
+        model: an nn.Module with ``model(x)`` (and ``process`` for λ₁ and the onsets); a
+            :class:`~recstab.models.interface.VideoModel` also gets a loop certificate.
+        spec: a :class:`MeasureSpec`, its config, or None (the defaults: the ``cpu`` preset).
+        clean_frames: an iterable of clean C×H×W frames (e.g. a LongVideo): λ₁'s clip (its first
+            frames) and the onset test's stream. None: λ₁ on random frames, no onset test.
+        sigma, task: the degradation of λ₁'s clip and of the onset stream (sigma on the [0, 1] scale).
+        dampening: measure with feature dampening λ (appendix F); None: the model's own.
+        burst, overlap: measure the model run burst by burst (appendix E).
+        onset_streams: several streams for the onset test, pooled (default ``[clean_frames]``).
+        workdir: folder of the resumable work files (``trf.pt``: the TRF's result, reused on resume
+            when its settings are these; ``onsets_progress.pt``).
+        resume: continue from the work files.
+        done: measurements already made (sections with status done are not measured again).
+        on_section: called after every section with its name and the measurements so far.
+    """
+    spec = as_spec(spec)
+    task = task or traits(model).task
+    result = done if done is not None else Measurements(spec)
+    result.spec, result.finite_memory = spec, burst
+    workdir = None if workdir is None else Path(workdir)
+    streams = list(onset_streams) if onset_streams is not None else ([clean_frames] if clean_frames is not None
+                                                                      else [])
+
+    # a resumed TRF must be this model's, at these settings: refused before anything is measured
+    key = trf_key(model, spec.trf, dampening, burst, overlap) if spec.trf is not None else None
+    saved_trf = _load_trf(workdir, key) if resume and workdir is not None and key is not None else None
+
+    def spectra():
+        result.spectra = engine.conv_spectra(model, int(spec.spectra_n))
+
+    def certificate():
+        result.certificate = engine.certificate(model)
+        if result.certificate is None:
+            return "skipped: the model is not a VideoModel (no loop structure stated)"
+
+    def trf():
+        if not list(model.parameters()):
+            return "skipped: the model has no parameters (nothing to search)"
+        result.trf = saved_trf
+        if result.trf is None:
+            result.trf = engine.trf(subject, **spec.trf)
+            if workdir is not None:
+                torch.save({"key": key, "result": _fields(result.trf)}, workdir / "trf.pt")
+
+    def lyapunov():
+        if burst is not None:
+            return "skipped: burst-by-burst processing resets the state (finite memory)"
+        if not traits(model).streamable:
+            return "skipped: the model is bidirectional (no forward recurrence to measure)"
+        settings = dict(spec.lyapunov)
+        frames, size = int(settings.pop("frames", 120)), settings.pop("size", 32)
+        seed = int((spec.onsets or {}).get("seed", 0))
+        clip = engine.lyapunov_input(model, clean_frames, frames, sigma=sigma, task=task, seed=seed, size=size)
+        result.lyapunov_on = clip.description
+        result.lyapunov = engine.lyapunov(model, clip.clip, **settings)
+
+    def onsets():
+        if not streams:
+            return "skipped: no video given"
+        if burst is None and not traits(model).streamable:
+            return "skipped: the model is bidirectional (not streamable); measure it burst by burst"
+        settings = dict(spec.onsets)
+        result.onsets = []
+        for i, stream in enumerate(streams):
+            progress = workdir / ("onsets_progress.pt" if i == 0 else f"onsets_progress_{i}.pt") if workdir else None
+            seed = int(settings.get("seed", 0)) + i
+            result.onsets.append(engine.onsets(model, stream, sigma, task=task, burst=burst, overlap=overlap,
+                                               progress=progress, resume=resume, **{**settings, "seed": seed}))
+
+    runners = {"spectra": spectra, "certificate": certificate, "trf": trf, "lyapunov": lyapunov, "onsets": onsets}
+    with evaluating(model, dampening):
+        subject = BurstProcessor(model, burst, overlap) if burst is not None else model
+        for key in SECTIONS:
+            if not spec.runs(key):
+                result.sections[key] = {"status": f"skipped: not in the diagnostics spec ({spec.name})", "seconds": 0.0}
+                continue
+            if result.sections.get(key, {}).get("status") == "done":
+                continue
+            start = time.perf_counter()
+            try:
+                status = runners[key]() or "done"
+                result.sections[key] = {"status": status, "seconds": time.perf_counter() - start}
+            except Exception as error:  # recorded; the other sections still run
+                log.error("measurement %s failed: %s", key, error, exc_info=True)
+                result.sections[key] = {"status": "failed", "seconds": time.perf_counter() - start,
+                                        "error": f"{type(error).__name__}: {error}"}
+            result.decide()
+            if on_section is not None:
+                on_section(key, result)
+    result.decide()
+    return result
+
+
+def _fields(result) -> dict:
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+
+
+def trf_key(model: nn.Module, settings: dict, dampening, burst, overlap) -> dict:
+    """What a TRF result depends on: the weights (their hash), the dampening, the burst processing, the settings."""
+    from recstab.diagnostics.onsets import model_fingerprint
+
+    return {"model": model_fingerprint(model), "dampening": traits(model).dampening if dampening is None
+            else float(dampening), "burst": burst, "overlap": overlap, **dict(settings)}
+
+
+class ResumeMismatch(ValueError):
+    """A work file of another measurement: never reused; the message names the difference."""
+
+
+def _load_trf(workdir: Path, key: dict):
+    """The TRF result a killed run left in ``workdir``; refused (ResumeMismatch) when it measured something else."""
+    from recstab.diagnostics.trf import TRFResult
+
+    path = workdir / "trf.pt"
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=False)  # written by measure() itself, next to the report
+    old = saved.get("key") or {"settings": saved.get("settings")}
+    differ = [k for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)]
+    if differ:
+        named = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(key.get(k))}" for k in differ)
+        raise ResumeMismatch(f"{path} holds the TRF of another measurement ({named}); it is not reused. Resume "
+                             "in the folder of this model's diagnosis, or start afresh (resume=false).")
+    try:
+        return TRFResult(**saved["result"])
+    except TypeError:  # written by another version of TRFResult
+        return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 20 else text[:12] + "…"
