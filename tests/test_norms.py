@@ -588,13 +588,13 @@ def test_spectrum_monitor_logs_metrics_and_plot_and_checkpoint_roundtrip(tmp_pat
                         enable_model_summary=False, accelerator="cpu")
     module = Module()
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
-    steps = [step for metrics, step in wandb.metrics if "spectra/model.loop.1/sigma1" in metrics]
+    steps = [step for metrics, step in wandb.metrics if "spectra/loop.1/sigma1" in metrics]
     assert steps == [0, 2, 4]
     metrics = monitor.last_metrics
-    assert set(metrics) >= {"spectra/model.head/sigma1", "spectra/model.loop.0/srank", "spectra/sigma1_max"}
+    assert set(metrics) >= {"spectra/head/sigma1", "spectra/loop.0/srank", "spectra/sigma1_max"}
     weight = module.model.loop[0].eval().weight
-    assert metrics["spectra/model.loop.0/sigma1"] == pytest.approx(spectral_norm_fft(weight, 8), rel=1e-6)
-    assert metrics["spectra/model.loop.0/srank"] == pytest.approx(stable_rank(weight, 8), rel=1e-4)
+    assert metrics["spectra/loop.0/sigma1"] == pytest.approx(spectral_norm_fft(weight, 8), rel=1e-6)
+    assert metrics["spectra/loop.0/srank"] == pytest.approx(stable_rank(weight, 8), rel=1e-4)
     assert monitor.last_figure.exists() and monitor.last_figure.suffix == ".png"
     assert [key for key, _, _ in wandb.images] == ["spectra/average"] * 3
     # a Lightning checkpoint carries the power-iteration buffers: bit-identical eval output

@@ -57,3 +57,42 @@ def test_a_new_norm_is_one_class_and_one_config_file(compose, tmp_path):
     assert torch.equal(conv.weight, 0.25 * conv.parametrizations.weight.original)
     with pytest.raises(TypeError, match="alfa"):  # a misspelt key of the new norm is named
         Scaled(scale=0.5, alfa=1)
+
+
+class WeightNorms:
+    """A new diagnostic: the Frobenius norm of every conv kernel, largest and total."""
+
+    def __init__(self, power: float = 2.0):
+        self.power = power
+
+    def __call__(self, model, measurements) -> dict:
+        norms = [m.weight.detach().norm() for m in model.modules() if isinstance(m, nn.Conv2d)]
+        return {"largest": float(max(norms)), "total": float(sum(n ** self.power for n in norms))}
+
+
+def test_a_new_diagnostic_is_one_class_and_one_config_file(compose, tmp_path):
+    from hydra.utils import instantiate
+
+    from recstab.diagnostics import measure
+    from recstab.models import build_model
+
+    cfg = compose_with(compose, tmp_path, "diagnostics", "mine",
+                       "defaults:\n  - smoke\n  - _self_\nname: mine\n"
+                       f"extra:\n  weights:\n    _target_: {__name__}.WeightNorms\n    power: 1.0\n")
+    spec = instantiate(cfg.diagnostics)
+    assert spec.name == "mine" and spec.trf == {"frames": 9, "size": 16, "iters": 3, "seed": 0}
+    model = build_model("vresnet", "feat", channels=4)
+    result = measure(model, spec.only("certificate", "weights"))
+    expected = [m.weight.detach().norm() for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert result.metrics["weights/total"] == pytest.approx(float(sum(expected)))
+    assert result.metrics["weights/largest"] == pytest.approx(float(max(expected)))
+    assert result.sections["weights"]["status"] == "done" and result.verdict != "certified stable"  # L̂ > 1 here
+
+
+def test_the_diagnostics_import_no_wandb():
+    import subprocess
+    import sys
+
+    code = "import sys, recstab.diagnostics, recstab.diagnostics.measure; print('wandb' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

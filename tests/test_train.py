@@ -23,6 +23,22 @@ def train_cli(run_script, tmp_path, *overrides, env=None):
                       timeout=600)
 
 
+def wandb_summary(path) -> dict:
+    """The run summary an offline W&B run recorded (its transaction log), key -> value."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    store, summary = datastore.DataStore(), {}
+    store.open_for_scan(str(path))
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "summary":
+            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.summary.update})
+    return summary
+
+
 @pytest.mark.slow
 def test_the_users_command_line_verbatim_trains_srnc_with_its_alpha_and_beta(tmp_path, run_script):
     """`python src/train.py model=vresnet recurrence=feat norm=srnc norm.alpha=2 norm.beta=0.1` (+ debug=smoke):
@@ -55,7 +71,11 @@ def test_cli_default_dataset_trains_and_leaves_everything(tmp_path, run_script):
     assert {"val/psnr_1", "val/psnr_3", "val/psnr_mean", "test/psnr_mean", "train/loss"} <= keys
     assert list((tmp_path / "figures").glob("val_psnr_per_frame_*.png"))
     assert list((tmp_path / "figures").glob("val_samples_*.png"))
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    (run,) = list((tmp_path / "wandb").glob("offline-run-*"))
+    # the W&B run summary holds the final numbers of metrics.json, from the same dict
+    summary = wandb_summary(next(run.glob("*.wandb")))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics and {k: summary.get(k) for k in metrics} == metrics
 
 
 @pytest.mark.slow

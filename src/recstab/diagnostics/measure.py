@@ -55,8 +55,11 @@ class MeasureSpec:
     trf: dict | None = field(default_factory=lambda: {"frames": 81, "size": 32, "iters": 50})
     lyapunov: dict | None = field(default_factory=lambda: {"frames": 120, "size": 32, "burn_in": 20})
     onsets: dict | None = field(default_factory=lambda: {"max_frames": 600, "chunk": 16, "seed": 0})
+    extra: dict = field(default_factory=dict)  # name -> a diagnostic of your own (see Diagnostic), run last
 
     def __post_init__(self) -> None:
+        from omegaconf import DictConfig, OmegaConf
+
         from recstab.diagnostics.lyapunov import lyapunov_exponent
         from recstab.diagnostics.trf import temporal_receptive_field
 
@@ -72,6 +75,8 @@ class MeasureSpec:
             settings = getattr(self, key)
             if settings is None:
                 continue
+            if isinstance(settings, DictConfig):  # instantiated by Hydra without _convert_
+                settings = OmegaConf.to_container(settings, resolve=True)
             if not isinstance(settings, dict):
                 raise ValueError(f"diagnostics.{key} must be a mapping of settings or null (off), got {settings!r}")
             setattr(self, key, dict(settings))
@@ -79,24 +84,42 @@ class MeasureSpec:
             if unknown:
                 raise ValueError(f"diagnostics.{key}: unknown setting(s) {', '.join(unknown)}; "
                                  f"valid: {', '.join(sorted(known))}")
+        self.extra = dict(self.extra or {})
+        for key, diagnostic in self.extra.items():
+            if key in SECTIONS or not callable(diagnostic):
+                raise ValueError(f"diagnostics.extra.{key}: a diagnostic is a callable (model, measurements) -> "
+                                 f"metrics, named other than {', '.join(SECTIONS)}; got {diagnostic!r}")
         if self.lyapunov is not None and int(self.lyapunov.get("frames", 120)) < 2:
             raise ValueError(f"diagnostics.lyapunov.frames must be >= 2 (or lyapunov: null), got "
                              f"{self.lyapunov.get('frames')}")
 
     def only(self, *sections: str) -> MeasureSpec:
-        """The same spec with every section but ``sections`` turned off."""
-        bad = sorted(set(sections) - set(SECTIONS))
+        """The same spec with every section but ``sections`` (built-in or extra) turned off."""
+        bad = sorted(set(sections) - set(SECTIONS) - set(self.extra))
         if bad:
-            raise ValueError(f"unknown section(s) {bad}; valid: {', '.join(SECTIONS)}")
+            raise ValueError(f"unknown section(s) {bad}; valid: {', '.join([*SECTIONS, *self.extra])}")
         off = {"spectra": {"spectra_n": None}, "certificate": {"certificate": False}, "trf": {"trf": None},
                "lyapunov": {"lyapunov": None}, "onsets": {"onsets": None}}
         changes = {k: v for s in SECTIONS if s not in sections for k, v in off[s].items()}
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **changes, extra={k: v for k, v in self.extra.items() if k in sections})
 
     def runs(self, section: str) -> bool:
         return {"spectra": self.spectra_n is not None, "certificate": bool(self.certificate),
                 "trf": self.trf is not None, "lyapunov": self.lyapunov is not None,
-                "onsets": self.onsets is not None}[section]
+                "onsets": self.onsets is not None}.get(section, section in self.extra)
+
+
+class Diagnostic:
+    """A diagnostic of your own: one class plus one config entry, ``diagnostics.extra.<name>``.
+
+    ``__call__(model, measurements) -> dict`` runs after the built-in sections (it may read their
+    results: ``measurements.certificate``, ``.trf``, ...) and returns scalar metrics, which land in
+    ``Measurements.metrics`` under ``<name>/<key>``. It informs; the verdict stays the one rule's.
+    Subclassing is optional: any callable with that signature does.
+    """
+
+    def __call__(self, model: nn.Module, measurements: "Measurements") -> dict:
+        raise NotImplementedError
 
 
 def inspect_parameters(function) -> list[str]:
@@ -117,6 +140,10 @@ def as_spec(spec) -> MeasureSpec:
     if not isinstance(spec, dict):
         raise ValueError(f"diagnostics must be a MeasureSpec or its config, got {spec!r}")
     spec = {k: v for k, v in spec.items() if k != "_target_"}
+    if spec.get("extra"):  # diagnostics of your own, given by their config (_target_)
+        import hydra
+        spec["extra"] = {k: hydra.utils.instantiate(v, _convert_="all") if isinstance(v, dict) and "_target_" in v
+                         else v for k, v in spec["extra"].items()}
     fields = {f.name for f in dataclasses.fields(MeasureSpec)}
     unknown = sorted(set(spec) - fields)
     if unknown:
@@ -139,6 +166,7 @@ class Measurements:
     notes: list = field(default_factory=list)
     sections: dict = field(default_factory=dict)  # section -> {"status": done|skipped: why|failed, "seconds", "error"}
     finite_memory: int | None = None        # burst length when the model was measured burst by burst
+    extra: dict = field(default_factory=dict)  # name -> the metrics of a diagnostic of your own
 
     def decide(self) -> None:
         """(Re)compute the verdict and the notes from what is measured (:func:`engine.decide`)."""
@@ -163,6 +191,8 @@ class Measurements:
         out.update(engine.lyapunov_metrics(self.lyapunov))
         if self.onsets:
             out.update(engine.onset_metrics(self.onsets))
+        for name, values in self.extra.items():
+            out.update({f"{name}/{key}": float(value) for key, value in values.items()})
         return out
 
     def summary(self) -> dict:
@@ -253,9 +283,12 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
                                                progress=progress, resume=resume, **{**settings, "seed": seed}))
 
     runners = {"spectra": spectra, "certificate": certificate, "trf": trf, "lyapunov": lyapunov, "onsets": onsets}
+    for name, diagnostic in spec.extra.items():
+        runners[name] = lambda diagnostic=diagnostic, name=name: result.extra.__setitem__(name, dict(
+            diagnostic(subject, result)))
     with evaluating(model, dampening):
         subject = BurstProcessor(model, burst, overlap) if burst is not None else model
-        for key in SECTIONS:
+        for key in [*SECTIONS, *spec.extra]:
             if not spec.runs(key):
                 result.sections[key] = {"status": f"skipped: not in the diagnostics spec ({spec.name})", "seconds": 0.0}
                 continue

@@ -19,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+
+from recstab.lit.publish import publish_image  # noqa: E402
 
 
 def log_figure(trainer: L.Trainer, fig, name: str, out_dir: Path) -> Path:
@@ -28,9 +29,7 @@ def log_figure(trainer: L.Trainer, fig, name: str, out_dir: Path) -> Path:
     path = out_dir / f"{name}_step{trainer.global_step:07d}.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=f"figures/{name}", images=[str(path)], step=trainer.global_step)
+    publish_image(trainer, f"figures/{name}", path, trainer.global_step)
     return path
 
 

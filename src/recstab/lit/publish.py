@@ -30,48 +30,48 @@ def _targets(loggers) -> list:
     return [loggers]
 
 
-def _wandb_run(target):
-    """The W&B run of a WandbLogger or a raw run; None for any other logger."""
+def _is_wandb_logger(target) -> bool:
     from lightning.pytorch.loggers import WandbLogger
+    return isinstance(target, WandbLogger)
 
-    if isinstance(target, WandbLogger):
-        return target.experiment
-    if hasattr(target, "summary") and hasattr(target, "log") and hasattr(target, "finish"):
-        return target
-    return None
+
+def _is_wandb_run(target) -> bool:
+    """A raw ``wandb`` run (``wandb.init()``), not a Lightning logger."""
+    return hasattr(target, "summary") and hasattr(target, "finish") and not hasattr(target, "log_metrics")
 
 
 def publish_metrics(loggers, metrics: dict, step: int | None = None) -> None:
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                and not math.isnan(float(v))}
     for target in _targets(loggers):
-        run = _wandb_run(target)
-        if run is not None and not hasattr(target, "log_metrics"):
-            run.log(numbers, **({} if step is None else {"step": step}))
+        if _is_wandb_run(target):
+            target.log(numbers, **({} if step is None else {"step": step}))
         else:
             target.log_metrics(numbers, step=step)
 
 
-def publish_image(loggers, key: str, path: str | Path, step: int | None = None, caption: str | None = None) -> None:
+def publish_image(loggers, key: str, path: str | Path, step: int | None = None) -> None:
+    """The figure on disk to W&B (CSV and other loggers: the file on disk is the record)."""
     for target in _targets(loggers):
-        run = _wandb_run(target)
-        if run is None:
-            continue  # CSV and other loggers: the file on disk is the record
-        import wandb
-        run.log({key: wandb.Image(str(path), caption=caption)}, **({} if step is None else {"step": step}))
+        if _is_wandb_logger(target):
+            target.log_image(key=key, images=[str(path)], step=step)
+        elif _is_wandb_run(target):
+            import wandb
+            target.log({key: wandb.Image(str(path))}, **({} if step is None else {"step": step}))
 
 
 def publish_table(loggers, key: str, columns: list, rows: list) -> None:
     for target in _targets(loggers):
-        run = _wandb_run(target)
-        if run is not None:
+        if _is_wandb_logger(target):
+            target.log_table(key=key, columns=list(columns), data=[list(r) for r in rows])
+        elif _is_wandb_run(target):
             import wandb
-            run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows], allow_mixed_types=True)})
+            target.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows], allow_mixed_types=True)})
 
 
 def publish_summary(loggers, summary: dict) -> None:
     """The run's final values (what metrics.json holds) into every W&B run summary."""
     for target in _targets(loggers):
-        run = _wandb_run(target)
+        run = target.experiment if _is_wandb_logger(target) else target if _is_wandb_run(target) else None
         if run is not None:
-            run.summary.update({k: v for k, v in summary.items()})
+            run.summary.update(dict(summary))

@@ -31,9 +31,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 from recstab.diagnostics.engine import conv_spectra  # noqa: E402
+from recstab.lit.publish import publish_image, publish_metrics  # noqa: E402
 
 
 def spectrum_figure(spectra: dict[str, np.ndarray], title: str = ""):
@@ -91,14 +91,13 @@ class SpectrumMonitor(L.Callback):
         if step == self._done_step or not trainer.is_global_zero:
             return
         self._done_step = step
-        measured = conv_spectra(pl_module, self.n)
+        measured = conv_spectra(getattr(pl_module, "model", pl_module), self.n)  # keys as every caller names them
         if not measured.rows:
             return
         spectra = measured.values
         metrics = measured.metrics()
         self.last_metrics = metrics
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        publish_metrics(trainer, metrics, step)
         if self.plot:
             self._plot(trainer, spectra, step)
 
@@ -110,6 +109,4 @@ class SpectrumMonitor(L.Callback):
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         self.last_figure = path
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="spectra/average", images=[str(path)], step=step)
+        publish_image(trainer, "spectra/average", path, step)

@@ -23,6 +23,7 @@ import math
 import os
 from pathlib import Path
 
+from recstab.lit.publish import publish_image, publish_summary, publish_table
 from recstab.report.tables import Table, comparison_rows
 
 PSNR_COLUMNS = ("psnr_7", "psnr_mean", "psnr_1", "long_psnr")
@@ -90,19 +91,18 @@ def log_report(table: Table, files: dict, dir: Path, group: str | None = None, p
                      config={"sweep": table.sweep, "title": table.title, "columns": table.columns})
     try:
         columns, data = comparison_rows(table, _cell)  # ∞ as text, NaN as empty
-        run.log({"comparison": wandb.Table(columns=columns, data=data, allow_mixed_types=True)})
+        publish_table(run, "comparison", columns, data)
         rows = verdicts(table)
         keys = list(rows[0]) if rows else ["model"]
-        run.log({"verdicts": wandb.Table(columns=keys, data=[[r[k] for k in keys] for r in rows],
-                                         allow_mixed_types=True)})
+        publish_table(run, "verdicts", keys, [[r[k] for k in keys] for r in rows])
         if files.get("figure"):
-            run.log({"figure": wandb.Image(str(files["figure"]), caption=table.title)})
+            publish_image(run, "figure", files["figure"])
         for key in ("markdown", "csv"):
             if files.get(key):
                 run.save(str(files[key]), base_path=str(Path(files[key]).parent), policy="now")
         failed = sum(r["failed"] for r in table.rows)
-        run.summary.update({"rows": len(table.rows), "rows_filled": sum(bool(r["runs"]) for r in table.rows),
-                            "jobs_failed": failed, "notes": "\n".join(table.notes)})
+        publish_summary(run, {"rows": len(table.rows), "rows_filled": sum(bool(r["runs"]) for r in table.rows),
+                              "jobs_failed": failed, "notes": "\n".join(table.notes)})
         folder = Path(run.dir).parent if not getattr(run, "disabled", False) else None
     finally:
         run.finish()
