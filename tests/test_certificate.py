@@ -153,3 +153,57 @@ def test_dampening_scales_the_bound_and_feedforward_models_are_certified():
         cert = loop_certificate(build_model("vresnet", recurrence, channels=4))
         assert cert.certified and cert.bound == 0.0 and "no feedback loop" in cert.norm
     assert str(loop_certificate(build_model("frvsr"))).startswith("not certified")
+
+
+# ---------------------------------------------------------------------------------- reference models: the verdicts
+def _reference_verdict(reference):
+    from recstab.diagnostics import lyapunov_exponent, temporal_receptive_field
+    from recstab.diagnostics.engine import decide
+
+    model = reference.build()
+    cert = loop_certificate(model)
+    trf = temporal_receptive_field(model, frames=21, size=1, iters=3)
+    frames = torch.rand(1, 300, model.in_channels, 1, 1, generator=torch.Generator().manual_seed(0))
+    lyap = lyapunov_exponent(model, frames.double() if reference.name.startswith("logistic") else frames)
+    return model, cert, trf, lyap, decide(cert, trf, None, lyap)
+
+
+def _catalogue_names():
+    from recstab.models.reference import catalogue
+    return [r.name for r in catalogue()]
+
+
+@pytest.mark.parametrize("name", _catalogue_names())
+def test_reference_models_are_proven_unstable_only_by_a_replayable_divergence(name, tmp_path):
+    """Rotations, Jordan blocks of contractions, weak read-outs, slow growth, tanh latches, the logistic map:
+    never "proven unstable" when certified (the demonstration cannot fire on a contraction), proven unstable
+    exactly when the output grows exponentially (then the saved demonstration replays), and never
+    "empirically stable" when the state grows (λ₁ sees it behind the weak read-outs)."""
+    from recstab.diagnostics.demonstration import replay
+    from recstab.models.reference import catalogue
+
+    (reference,) = [r for r in catalogue() if r.name == name]
+    model, cert, trf, lyap, (verdict, notes) = _reference_verdict(reference)
+    if cert.certified:
+        assert verdict == "certified stable" and not trf.demonstration.diverged, trf.reason
+    if reference.grows and reference.exponent > 0:  # exponential growth: demonstrated, and replayable
+        assert verdict == "proven unstable" and trf.verdict == "unbounded", trf.reason
+        assert replay(reference.build(), trf.demonstration.save(tmp_path / "proof.pt")).diverged
+    else:
+        assert verdict != "proven unstable" and trf.verdict != "unbounded", trf.reason
+    if reference.grows:  # exponential or polynomial (the marginal Jordan block, y ~ t²): never stable
+        assert verdict not in ("certified stable", "empirically stable"), notes
+
+
+def test_untrained_vresnet_feat_is_proven_unstable_and_at_half_norm_certified(vresnet_feat):
+    from recstab.diagnostics import temporal_receptive_field
+    from recstab.diagnostics.engine import decide
+
+    he = vresnet_feat(8)
+    trf = temporal_receptive_field(he, frames=21, size=8, iters=3)
+    assert decide(loop_certificate(he), trf, None, None)[0] == "proven unstable" and trf.demonstration.diverged
+    half = vresnet_feat(8, conv_norm=0.5)
+    cert = loop_certificate(half)
+    trf = temporal_receptive_field(half, frames=21, size=8, iters=3)
+    assert cert.certified and decide(cert, trf, None, None)[0] == "certified stable"
+    assert trf.verdict == "bounded" and not trf.demonstration.diverged

@@ -287,12 +287,27 @@ def decide(cert=None, trf_result=None, onset_result=None, lyap=None, *, measured
         measured_on: what λ₁ was measured on, in words (named in the notes).
         finite_memory: processing resets the state every this many frames (burst by burst):
             no long-run λ₁ to measure; finite memory stands in for it.
+
+    "proven unstable" needs a replayable demonstration: the TRF's (its ``demonstration`` diverged:
+    a non-finite output, or growth by 10⁶ over the last doubling of a periodic replay, see
+    :mod:`recstab.diagnostics.demonstration`; a TRFResult without one is not counted) or a
+    feedback divergence of the long-video test. A TRF that found no growth is evidence only:
+    "empirically stable" needs λ₁ < 0, the exponent of the *state* (it sees growth that a weak
+    read-out hides), and a TRF replay that was not still growing (by ≥ ``GROWING``× over its
+    second half) at the end of its budget.
     """
+    GROWING = 2.0  # a TRF replay still growing by this factor over its second half blocks "empirically stable"
     notes = []
-    trf_divergence = trf_result is not None and trf_result.verdict == "unbounded"
+    demo = getattr(trf_result, "demonstration", None) if trf_result is not None else None
+    trf_divergence = trf_result is not None and trf_result.verdict == "unbounded" and (
+        demo.diverged if demo is not None else not hasattr(trf_result, "demonstration"))
+    trf_growing = demo is not None and demo.status == "growing" and float(demo.growth) >= GROWING
     feedback = onset_result is not None and onset_result.diverged
     if trf_divergence:
         notes.append(f"the TRF stress test found a diverging sequence ({trf_result.reason})")
+    elif trf_result is not None and trf_result.verdict == "unbounded":
+        notes.append(f"the TRF said unbounded without a replayable demonstration (a TRF of an older version): "
+                     f"not counted ({trf_result.reason})")
     if feedback:
         spans = ", ".join(f"{a}-{b}" for a, b in onset_result.divergences[:5])
         more = f" and {len(onset_result.divergences) - 5} more" if len(onset_result.divergences) > 5 else ""
@@ -308,6 +323,8 @@ def decide(cert=None, trf_result=None, onset_result=None, lyap=None, *, measured
                          "instability of the input, not of the model): state reset, not counted as onsets")
     if trf_result is not None and trf_result.verdict == "inconclusive":
         notes.append(f"TRF inconclusive: {trf_result.reason}")
+    if trf_result is not None and trf_result.verdict == "bounded":
+        notes.append(f"TRF: {trf_result.reason} (evidence, not proof)")
     margin = None
     if lyap is not None:
         margin = float(lyap.exponent)
@@ -334,7 +351,10 @@ def decide(cert=None, trf_result=None, onset_result=None, lyap=None, *, measured
         notes.append(f"the state is reset every {finite_memory} frames: finite memory, no long-run λ₁; "
                      "no divergence was found")
         return "empirically stable", notes
-    if margin is not None and margin < 0:
+    if trf_growing:
+        notes.append(f"the TRF's replay output was still growing ({float(demo.growth):.3g}× over its second "
+                     f"half, {demo.frames} frames): not empirically stable, whatever λ₁")
+    if margin is not None and margin < 0 and not trf_growing:
         return "empirically stable", notes
     if margin is None:
         notes.append("λ₁ not measured: no divergence found, but no Lyapunov margin either")

@@ -13,11 +13,11 @@ and clamps X back into [0, 1] (projected gradient ascent). The model's weights a
 never touched: gradients are taken with ``torch.autograd.grad`` with respect to X
 only, in eval mode, so the test can run in the middle of a training run.
 
-The paper reads two things off the result, and calls the TRF unbounded only when
-BOTH hold: (1) input frames in the distant past still drive p, and (2) output frames
-in the distant future diverge. Both are measured here as *rates*, relative to the
-model's own scale, never as magnitudes (h_t = 0.5·h_{t-1} + 1e7·x_t has outputs of
-1e7 and is perfectly stable; multiplying a model by a constant changes no verdict).
+The paper reads two things off the result: (1) whether input frames in the distant past
+still drive p, and (2) whether output frames in the distant future diverge. Both are
+measured here as *rates*, relative to the model's own scale, never as magnitudes
+(h_t = 0.5·h_{t-1} + 1e7·x_t has outputs of 1e7 and is perfectly stable; multiplying a
+model by a constant changes no verdict); (2) is decided by a replay, below.
 
 1. Influence of the past. influence_t = ‖∂p/∂x_t‖², divided by its maximum over t
    (the most influential frame has 1), at the last X evaluated.
@@ -41,31 +41,45 @@ model's own scale, never as magnitudes (h_t = 0.5·h_{t-1} + 1e7·x_t has output
    A linear map contributes no noise floor: u_t is exact where a finite difference of
    two float32 runs would bottom out at the rounding error.
 
-A rate r ± s is *growth* when r − 2s > ``growth_tol`` and *decay* when
-r + 2s < −``growth_tol``, with growth_tol = 0.01 per frame (1 %: e^{0.4} ≈ 1.5× over
-the paper's 40 future frames). The verdict:
+A rate r ± s *decays* when r + 2s < −``growth_tol`` (0.01 per frame) and *grows* when
+r − 2s > growth_tol. Rates describe; they prove nothing: a rotation h = 0.99·R(π/100)·h + B·x read
+out through one coordinate has a future response that rises between two zero crossings (+0.08 per
+frame over lags 41–80), a Jordan block of a contraction grows like a polynomial for hundreds of
+frames, and a state that grows behind a weak read-out (C = (1, 1e-20)) stays invisible for
+hundreds of frames. So the verdict rests on a replay instead
+(:mod:`recstab.diagnostics.demonstration`): the optimised X, periodically extended, is streamed
+through the model from its initial state, and its outputs are judged by the demonstration criterion
+((N) a non-finite output, or (G) growth by 10⁶ over the last doubling of the horizon, still rising;
+scale-free, and provably never met by the transient of a single Jordan block or a rotation of
+spectral radius ≤ 1, see that module). The verdict:
 
-- "unbounded": an output, p or ∂p/∂X is not finite (X is always finite, so the model
-  produced it), or the distant past drives p (influence of x_-τ > threshold) AND the
-  future grows (future_rate is growth, or u_t overflows while y stays finite). X is
-  then an unstable sequence. The search stops early on either: non-finite values are
-  checked at every iteration, the future growth at iteration 0 and every
-  ``check_every`` (25) iterations while the past condition holds, and at the end
-  (one Jacobian-vector product costs about 1.5 iterations of the search).
-- "bounded": the past dies out — extent ≤ τ, or growth_rate is decay (geometric decay
-  resolved inside the window; the reason gives the lag where it would cross the
-  threshold, ln(threshold)/(2r)) — AND the future does not grow (future_rate ≤ growth_tol).
-  Nothing unstable was found: reasonable, not certain, evidence of stability.
-- "inconclusive" otherwise, with the reason: e.g. the influence fills the window and
-  decays too slowly to be resolved (h_t = 0.999·h_{t-1} + x_t), or the future rate is
-  positive but not significantly above growth_tol.
+- "unbounded": a demonstration — an output became non-finite during the search (X, one period,
+  is the replayable input), or the replay of X diverged. ``demonstration`` holds the period, the
+  number of periods and the per-period output scales; :meth:`Demonstration.save` writes it, and
+  :func:`recstab.diagnostics.demonstration.replay` re-judges it on any model. Nothing else is
+  called unbounded. The search stops early on a demonstration: non-finite outputs are checked at
+  every iteration; at iteration 0 and every ``check_every`` (25) iterations, while x_-τ drives p and
+  the future response grows (a cheap trigger, one Jacobian-vector product), X is replayed for
+  ``MIN_PERIODS`` periods; after the last iteration it is replayed with the full budget
+  (``replay_frames``, 8192 frames).
+- "bounded": the replay found **no growth in N frames** (the output settled: its largest scale in the
+  second half of the replay within 5 % of the first half's) AND the past's influence on p dies out
+  (extent ≤ τ, or growth_rate a resolved decay; the reason gives the lag where it would cross the
+  threshold, ln(threshold)/(2r)). Evidence, not proof: the reason says "no growth found in N
+  frames"; the report's verdict weighs it with λ₁ of the *state*, which sees growth that a read-out
+  hides.
+- "inconclusive" otherwise, with the reason: the replay output was still growing at the end of its
+  budget without reaching a demonstration (h = h + x grows like t; a = 1.0005 needs ~55k frames),
+  or the influence of x_-τ fills the window and decays too slowly to resolve (h = 0.999·h + x).
 
-``stopped_early`` and ``reason`` say what ended the search and why the verdict.
-τ ≥ 3 (frames ≥ 7) is needed to fit a future rate at all.
+``stopped_early`` and ``reason`` say what ended the search and why the verdict; ``replay_growth``
+is the replay's second-half growth factor (∞ when it diverged). τ ≥ 3 (frames ≥ 7) is needed to
+fit a future rate at all.
 
 The picture (:meth:`TRFResult.save_png`) has the paper's two rows X and Y every 5
 frames from -τ to +τ, the influence on a log scale against t with its fitted line,
-and the future response ‖u_t‖ (relative) with its fitted line and the output RMS.
+the future response ‖u_t‖ (relative) with its fitted line and the output RMS, and the
+replay's output scale per period.
 """
 
 from __future__ import annotations
@@ -81,6 +95,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from recstab.diagnostics.demonstration import MIN_PERIODS, REPLAY_FRAMES, Demonstration, demonstrate
 from recstab.diagnostics.lyapunov import jvp
 from recstab.models.dampening import evaluating
 from recstab.models.interface import traits
@@ -88,7 +103,7 @@ from recstab.models.interface import traits
 THRESHOLD = 1e-6    # relative gradient energy below which a past frame has no influence on p
 GROWTH_TOL = 0.01   # per frame: a log-rate r ± s grows when r - 2s > GROWTH_TOL, decays when r + 2s < -GROWTH_TOL
 LR = 0.05           # Adam step on X (pixel units)
-CHECK_EVERY = 25    # iterations between two measurements of the future growth (while the past drives p)
+CHECK_EVERY = 25    # iterations between two looks for a divergence (while the past drives p)
 TRF_VERDICTS = ("bounded", "unbounded", "inconclusive")
 
 
@@ -102,12 +117,12 @@ class TRFResult:
     verdict: str                    # "bounded" | "unbounded" | "inconclusive"
     extent: int                     # frames of the past window (current included) that drive p
     reason: str                     # why the verdict, in words
-    stopped_early: bool             # the search ended before `iters` iterations (divergence shown)
+    stopped_early: bool             # the search ended before `iters` iterations (a demonstration)
     iterations: int                 # iterations actually run
     tau: int
     growth_rate: float = math.nan   # slope of log ‖∂p/∂x_{-k}‖ vs lag k, per frame (negative = decay)
     growth_stderr: float = math.nan
-    future_rate: float = math.nan   # slope of log ‖∂y_t/∂x_-τ · v‖ over t = 1 … τ (positive = divergence)
+    future_rate: float = math.nan   # slope of log ‖∂y_t/∂x_-τ · v‖ over t = 1 … τ (positive: rising, not proof)
     future_stderr: float = math.nan
     future_response: np.ndarray = None  # (T,) ‖∂y_t/∂x_-τ · v‖ / max_t
     p_history: list = field(default_factory=list)   # |p| per iteration
@@ -115,10 +130,18 @@ class TRFResult:
     seconds: float = 0.0
     threshold: float = THRESHOLD
     growth_tol: float = GROWTH_TOL
+    demonstration: Demonstration | None = None  # the replay behind the verdict (None: nothing replayed)
 
     @property
     def unbounded(self) -> bool:
         return self.verdict == "unbounded"
+
+    @property
+    def replay_growth(self) -> float:
+        """The replay's largest output scale in its second half over the first half's (∞: diverged)."""
+        if self.demonstration is None:
+            return math.nan
+        return math.inf if self.demonstration.diverged else float(self.demonstration.growth)
 
     @property
     def times(self) -> np.ndarray:
@@ -136,17 +159,21 @@ class TRFResult:
             "future_response": [float(v) for v in self.future_response],
             "output_rms": [float(v) for v in self.output_rms],
             "threshold": self.threshold, "growth_tol": self.growth_tol, "seconds": self.seconds,
+            "demonstration": None if self.demonstration is None else self.demonstration.to_dict(),
         }
 
     def figure(self, every: int = 5):
-        """The paper's TRF picture: rows X and Y every `every` frames, influence and future response."""
+        """The paper's TRF picture: rows X and Y every `every` frames, influence, future response, replay."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         cols = [t for t in range(-(self.tau // every) * every, self.tau + 1, every)]
-        fig = plt.figure(figsize=(max(6.0, 0.75 * len(cols)), 6.0))
-        grid = fig.add_gridspec(4, len(cols), height_ratios=[1, 1, 1.3, 1.3], hspace=0.25, wspace=0.05)
+        demo = self.demonstration
+        rows = 5 if demo is not None else 4
+        fig = plt.figure(figsize=(max(6.0, 0.75 * len(cols)), 6.0 + 1.5 * (rows - 4)))
+        grid = fig.add_gridspec(rows, len(cols), height_ratios=[1, 1, 1.3, 1.3, 1.3][:rows], hspace=0.35,
+                                wspace=0.05)
         for j, t in enumerate(cols):
             for row, (name, seq) in enumerate((("X", self.inputs), ("Y", self.outputs))):
                 ax = fig.add_subplot(grid[row, j])
@@ -190,6 +217,13 @@ class TRFResult:
         ax.set_xlabel("t")
         ax.set_ylabel("future response", color="g")
         ax.legend(fontsize=7, loc="lower right")
+        if demo is not None:
+            ax = fig.add_subplot(grid[4, :])
+            scales = np.where(np.isfinite(demo.scales) & (demo.scales > 0), demo.scales, np.nan)
+            ax.semilogy(np.arange(1, demo.periods + 1), scales, "m.-", ms=3, label="replay: ‖Y_m‖ per period")
+            ax.set_xlabel(f"period m of the replay (X repeated, {demo.period.shape[0]} frames each): {demo.status}")
+            ax.set_ylabel("output scale")
+            ax.legend(fontsize=7, loc="lower right")
         early = " (stopped early)" if self.stopped_early else ""
         fig.suptitle(f"TRF: {self.verdict}{early}, extent {self.extent}, {self.iterations} iterations\n"
                      f"{self.reason}", fontsize=8)
@@ -262,21 +296,23 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
                              lr: float = LR, seed: int = 0, threshold: float = THRESHOLD,
                              growth_tol: float = GROWTH_TOL, check_every: int = CHECK_EVERY,
                              channels: int | None = None, dampening: float | None = None,
-                             device=None) -> TRFResult:
+                             replay_frames: int = REPLAY_FRAMES, device=None) -> TRFResult:
     """Run the TRF stress test on any ``nn.Module`` with the sequence API ``model(x)``.
 
     Args:
         model: x (1×T×C×H×W) -> y (1×T×C×sH×sW).
         frames: 2τ+1 frames (odd, ≥ 3); t = 0 is the middle frame (frame 41 of 81).
         size: H = W of the input frames.
-        iters: Adam iterations (stops earlier once divergence is shown).
+        iters: Adam iterations (stops earlier once a divergence is demonstrated).
         lr: Adam learning rate on X.
         seed: seeds the uniform initial X and the perturbation v of the oldest frame.
         threshold: relative influence above which a past frame counts (extent, past condition).
         growth_tol: per-frame log-rate margin of growth / decay (module docstring).
-        check_every: iterations between two measurements of the future growth.
+        check_every: iterations between two looks for a divergence (trigger and short replay).
         channels: image channels C (default ``model.in_channels`` or 3).
         dampening: feature dampening λ (appendix F) to test at; None keeps ``model.dampening``.
+        replay_frames: frame budget of the final replay of X (periodically extended); 0: no replay
+            (then the verdict is never "bounded": no growth was looked for).
         device: default the device of the model's parameters.
     """
     if frames < 3 or frames % 2 == 0:
@@ -291,6 +327,8 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
         raise ValueError(f"growth_tol is a per-frame log-rate margin >= 0 (e.g. 0.01), got {growth_tol}")
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1 iteration, got {check_every}")
+    if replay_frames < 0:
+        raise ValueError(f"replay_frames is a frame budget >= 0 (e.g. {REPLAY_FRAMES}), got {replay_frames}")
     tau = (frames - 1) // 2
     c = _in_channels(model, channels)
     if device is None:
@@ -312,7 +350,7 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     flush = torch.set_flush_denormal(True)
     start = time.perf_counter()
     p_history: list[float] = []
-    reason, stopped_early, grad, y, response = "", False, None, None, None
+    note, grad, y, response, demo = "", None, None, None, None
     try:
         for it in range(iters):
             grad, response = None, None  # everything is measured at the X of the last forward pass
@@ -325,28 +363,22 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
             p = y[0, tau, :, h // 2, w // 2].sum()
             p_history.append(abs(float(p.detach())))
             if not bool(torch.isfinite(y).all()) or not math.isfinite(p_history[-1]):
-                bad = (~torch.isfinite(y.detach())).flatten(2).any(dim=2)[0].nonzero()
-                where = int(bad[0]) - tau if len(bad) else 0  # finite y, p overflowed: t = 0
-                reason = (f"non-finite output (first at t = {where:+d}) from a finite input in [0, 1] "
-                          f"at iteration {it}")
-                stopped_early = True
+                demo = _search_divergence(x.detach()[0], y.detach()[0], tau, it)
                 break
             (grad,) = torch.autograd.grad(p.abs(), x)
             if not bool(torch.isfinite(grad).all()):
-                reason, stopped_early, grad = f"non-finite gradient of p at iteration {it}", True, None
+                note, grad = f"the gradient of p was not finite at iteration {it} (the search stopped there)", None
                 break
             energy = grad.detach().pow(2).flatten(2).sum(dim=(0, 2))
             past_drives = float(energy[0]) > threshold * float(energy.max())
-            if past_drives and (it % check_every == 0 or it == iters - 1):
+            if past_drives and it % check_every == 0 and it < iters - 1:
                 response = _future_response(model, x.detach(), v)
                 rate, se, overflowed = _future(response, tau)
-                if overflowed or grows(rate, se):
-                    what = ("the tangent response to x_-τ overflows" if overflowed else
-                            f"outputs after t = 0 diverge from a perturbed x_-{tau} at {rate:+.3g} ± "
-                            f"{se:.2g} per frame (> {growth_tol:g})")
-                    reason = f"x_-{tau} drives p and {what}, at iteration {it}"
-                    stopped_early = it < iters - 1
-                    break
+                if overflowed or grows(rate, se):  # a trigger only: the replay decides
+                    attempt = demonstrate(model, x.detach()[0], max_frames=min(replay_frames, MIN_PERIODS * frames))
+                    if attempt.diverged:
+                        demo = attempt
+                        break
             if it == iters - 1:
                 break  # keep X, Y and the gradient of the same evaluated point
             optimizer.zero_grad(set_to_none=True)
@@ -356,6 +388,8 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
                 x.clamp_(0, 1)
         if grad is not None and response is None:  # the future response at the final X
             response = _future_response(model, x.detach(), v)
+        if demo is None and replay_frames > 0:
+            demo = demonstrate(model, x.detach()[0], max_frames=replay_frames)
     finally:
         if flush:
             torch.set_flush_denormal(False)  # PyTorch's default
@@ -378,15 +412,19 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
         response_rel = response / peak if peak > 0 else response
     else:
         future_rate, future_se, response_rel = math.nan, math.nan, np.full(frames, np.nan)
-
     if grad is None:
-        verdict, extent = "unbounded", tau + 1
-        growth_rate = growth_se = math.nan
-    elif reason:  # the past drives p and the future grows
+        extent, growth_rate, growth_se = tau + 1, math.nan, math.nan
+
+    stopped_early = len(p_history) < iters
+    if demo is not None and demo.diverged:
         verdict = "unbounded"
+        reason = f"{demo.reason} (X {'itself' if demo.periods == 1 else 'periodically extended'}, "
+        reason += f"iteration {len(p_history) - 1})"
     else:
-        verdict, reason = _judge(extent, tau, growth_rate, growth_se, future_rate, future_se,
-                                 threshold, growth_tol, len(p_history))
+        verdict, reason = _judge(extent, tau, growth_rate, growth_se, future_rate, future_se, threshold,
+                                 growth_tol, len(p_history), demo)
+    if note:
+        reason = f"{reason}; {note}"
     out = y.detach().cpu() if y is not None else torch.empty(0)
     rms = out.double().pow(2).flatten(2).mean(dim=2).sqrt()[0].numpy() if out.numel() else np.zeros(0)
     return TRFResult(inputs=x.detach()[0].cpu(), outputs=out[0] if out.numel() else out,
@@ -394,37 +432,46 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
                      stopped_early=stopped_early, iterations=len(p_history), tau=tau,
                      growth_rate=growth_rate, growth_stderr=growth_se, future_rate=future_rate,
                      future_stderr=future_se, future_response=response_rel, p_history=p_history,
-                     output_rms=rms, seconds=seconds, threshold=threshold, growth_tol=growth_tol)
+                     output_rms=rms, seconds=seconds, threshold=threshold, growth_tol=growth_tol,
+                     demonstration=demo)
+
+
+def _search_divergence(x: torch.Tensor, y: torch.Tensor, tau: int, iteration: int) -> Demonstration:
+    """The search itself met a non-finite output: X (one period) is the demonstration."""
+    from recstab.diagnostics.demonstration import _Tracker
+
+    tracker = _Tracker(x.shape[0])
+    tracker.add(y)
+    where = tracker.first_nonfinite
+    where = tau if where is None else where  # y finite, p overflowed: t = 0
+    reason = (f"non-finite output (first at t = {where - tau:+d}) from a finite input in [0, 1] at iteration "
+              f"{iteration}")
+    return Demonstration(x.detach().cpu(), 1, np.array(tracker.scales), np.array(tracker.changes), "non-finite",
+                         reason, where, math.inf, {"search_iteration": iteration})
 
 
 def _judge(extent: int, tau: int, rate: float, se: float, future: float, future_se: float,
-           threshold: float, tol: float, iterations: int) -> tuple[str, str]:
-    """Verdict and reason when the search did not show a divergence (see the module docstring)."""
+           threshold: float, tol: float, iterations: int, demo: Demonstration | None) -> tuple[str, str]:
+    """Verdict and reason when nothing diverged (see the module docstring)."""
     fills = extent == tau + 1
     decays = rate + 2 * se < -tol
-    grows = future - 2 * future_se > tol
     past = (f"influence rate {rate:+.3g} ± {se:.2g} per frame into the past" if math.isfinite(rate)
             else "the influence vanishes after a few frames")
     fut = (f"future response to x_-{tau}: {future:+.3g} ± {future_se:.2g} per frame"
            if math.isfinite(future) else f"no future response to x_-{tau} after t = 0")
     after = f" ({iterations} iterations)"
-    if fills and grows:
-        return "unbounded", f"x_-{tau} drives p and the outputs diverge: {fut}; {past}{after}"
-    if (not fills or decays) and future <= tol:
-        if fills:
-            crossing = math.log(threshold) / (2 * rate)
-            return "bounded", (f"{past}, a resolved decay: it falls below {threshold:g} at lag ≈ "
-                               f"{crossing:.0f}, beyond the {tau + 1}-frame window; {fut}{after}")
-        return "bounded", f"no influence above {threshold:g} beyond {extent} frame(s), {past}; {fut}{after}"
-    if fills and future <= tol:
-        if rate <= tol:
-            return "inconclusive", (f"x_-{tau} still drives p and the {past} is a decay too slow to "
-                                    f"resolve in {tau} frames (needs rate + 2·stderr < {-tol:g}); {fut}: "
-                                    f"growth not shown{after}")
-        return "inconclusive", (f"x_-{tau} drives p more than recent frames ({past}) but the future does "
-                                f"not grow ({fut}): the two conditions disagree{after}")
-    if not grows:
-        return "inconclusive", (f"{fut}: growth above {tol:g} not shown beyond 2 standard errors; "
-                                f"extent {extent}, {past}{after}")
-    return "inconclusive", (f"{fut}, growing, but the past's influence on p dies out (extent {extent}, "
-                            f"{past}): the two conditions disagree{after}")
+    if demo is None:
+        return "inconclusive", f"no replay (replay_frames = 0): growth not looked for; {past}; {fut}{after}"
+    found = demo.reason
+    if demo.status != "no growth":
+        return "inconclusive", f"{found}; {past}; {fut}{after}"
+    if not fills:
+        return "bounded", f"{found}; no influence above {threshold:g} beyond {extent} frame(s), {past}; {fut}{after}"
+    if decays:
+        crossing = math.log(threshold) / (2 * rate)
+        return "bounded", (f"{found}; {past}, a resolved decay: it falls below {threshold:g} at lag ≈ "
+                           f"{crossing:.0f}, beyond the {tau + 1}-frame window; {fut}{after}")
+    if rate <= tol:
+        return "inconclusive", (f"{found}, but x_-{tau} still drives p and the {past} is a decay too slow to "
+                                f"resolve in {tau} frames (needs rate + 2·stderr < {-tol:g}); {fut}{after}")
+    return "inconclusive", (f"{found}, but x_-{tau} drives p more than recent frames ({past}); {fut}{after}")
