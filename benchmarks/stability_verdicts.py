@@ -138,7 +138,7 @@ def reference_table() -> str:
             les[frames] = lyapunov_exponent(model, clip if double else clip.float())
         verdict, _ = decide(cert, trf, None, les[300])
 
-        def cell(le) -> str:
+        def cell(le, truth=truth) -> str:
             z = (le.exponent - truth) / le.stderr if math.isfinite(truth) and le.stderr > 0 else math.nan
             zs = f" ({z:+.1f})" if math.isfinite(z) else ""
             return f"{le.exponent:+.5f} ± {le.stderr:.1e}{zs}"

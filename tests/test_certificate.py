@@ -6,6 +6,8 @@ norm the certificate names: Euclidean for chain loops, the weighted block norm f
 triangular ones (with the weights the certificate returns).
 """
 
+import math
+
 import pytest
 import torch
 from torch.func import jvp, vjp
@@ -183,7 +185,7 @@ def test_reference_models_are_proven_unstable_only_by_a_replayable_divergence(na
     from recstab.models.reference import catalogue
 
     (reference,) = [r for r in catalogue() if r.name == name]
-    model, cert, trf, lyap, (verdict, notes) = _reference_verdict(reference)
+    _, cert, trf, _, (verdict, notes) = _reference_verdict(reference)
     if cert.certified:
         assert verdict == "certified stable" and not trf.demonstration.diverged, trf.reason
     if reference.grows and reference.exponent > 0:  # exponential growth: demonstrated, and replayable
@@ -207,3 +209,27 @@ def test_untrained_vresnet_feat_is_proven_unstable_and_at_half_norm_certified(vr
     trf = temporal_receptive_field(half, frames=21, size=8, iters=3)
     assert cert.certified and decide(cert, trf, None, None)[0] == "certified stable"
     assert trf.verdict == "bounded" and not trf.demonstration.diverged
+
+
+def test_no_growth_found_behind_a_weak_readout_is_not_empirically_stable():
+    """A replay too short to see the state 1e-20·1.1^t reach the read-out finds no growth: evidence, which λ₁ of
+    the state (log 1.1 > 0) overrules; a replay still growing (y ~ t²) overrules a λ₁ just below 0."""
+    from recstab.diagnostics import lyapunov_exponent, temporal_receptive_field
+    from recstab.diagnostics.engine import decide
+    from recstab.models.reference import LinearStateModel, jordan_block
+
+    hidden = LinearStateModel([[0.8, 0.0], [0.0, 1.1]], C=[1.0, 1e-20])
+    trf = temporal_receptive_field(hidden, frames=9, size=1, iters=2, replay_frames=9 * 32)
+    assert trf.verdict == "bounded" and trf.reason.startswith("no growth found in 288 frames")
+    lyap = lyapunov_exponent(hidden, torch.rand(1, 100, 1, 1, 1))
+    verdict, notes = decide(loop_certificate(hidden), trf, None, lyap)
+    assert lyap.exponent == pytest.approx(math.log(1.1), rel=1e-4) and verdict == "inconclusive"
+    assert any("no growth found" in n and "evidence" in n for n in notes)
+
+    marginal = LinearStateModel(jordan_block(1.0, 2))
+    trf = temporal_receptive_field(marginal, frames=9, size=1, iters=2, replay_frames=9 * 64)
+    assert trf.demonstration.status == "growing" and trf.replay_growth > 2
+    class Margin:  # λ₁ measured just below 0 (e.g. on other frames): the replay's growth still wins
+        exponent, stderr, positive_ranges = -1e-3, 1e-4, []
+    verdict, notes = decide(loop_certificate(marginal), trf, None, Margin())
+    assert verdict == "inconclusive" and any("still growing" in n for n in notes)

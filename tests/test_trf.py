@@ -120,9 +120,8 @@ def test_extrapolation_constants_are_below_the_growth_threshold_and_bound_polyno
             bound = extrapolation_constant(degree, half)
             for _ in range(50):  # random polynomials, with roots inside the first half too
                 roots = rng.uniform(0, 2 * half, degree)
-                m = np.arange(2, half + 1)
-                q = lambda t: np.prod(t[:, None] - roots, axis=1) if np.ndim(t) else np.prod(t - roots)  # noqa: E731
-                assert abs(q(2 * half + 1.0)) <= bound * np.abs(q(m.astype(float))).max() * (1 + 1e-9)
+                first_half = np.prod(np.arange(2.0, half + 1)[:, None] - roots, axis=1)
+                assert abs(np.prod(2 * half + 1.0 - roots)) <= bound * np.abs(first_half).max() * (1 + 1e-9)
     assert rotation_constant(16) < 4 and rotation_constant(40) < 4
 
 
@@ -288,3 +287,5 @@ def test_rejects_bad_arguments():
         temporal_receptive_field(LinearRecurrence(0.5), check_every=0)
     with pytest.raises(ValueError, match="replay_frames.*-1"):
         temporal_receptive_field(LinearRecurrence(0.5), replay_frames=-1)
+    unreplayed = temporal_receptive_field(LinearRecurrence(0.5), frames=21, size=2, iters=2, replay_frames=0)
+    assert unreplayed.verdict == "inconclusive" and unreplayed.demonstration is None  # no growth looked for

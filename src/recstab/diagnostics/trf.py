@@ -122,7 +122,7 @@ class TRFResult:
     tau: int
     growth_rate: float = math.nan   # slope of log ‖∂p/∂x_{-k}‖ vs lag k, per frame (negative = decay)
     growth_stderr: float = math.nan
-    future_rate: float = math.nan   # slope of log ‖∂y_t/∂x_-τ · v‖ over t = 1 … τ (positive: rising, not proof)
+    future_rate: float = math.nan   # slope of log ‖∂y_t/∂x_-τ · v‖ over t = 1 … τ (> 0: rising; not a proof)
     future_stderr: float = math.nan
     future_response: np.ndarray = None  # (T,) ‖∂y_t/∂x_-τ · v‖ / max_t
     p_history: list = field(default_factory=list)   # |p| per iteration
@@ -371,7 +371,7 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
                 break
             energy = grad.detach().pow(2).flatten(2).sum(dim=(0, 2))
             past_drives = float(energy[0]) > threshold * float(energy.max())
-            if past_drives and it % check_every == 0 and it < iters - 1:
+            if past_drives and replay_frames > 0 and it % check_every == 0 and it < iters - 1:
                 response = _future_response(model, x.detach(), v)
                 rate, se, overflowed = _future(response, tau)
                 if overflowed or grows(rate, se):  # a trigger only: the replay decides
