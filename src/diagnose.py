@@ -44,10 +44,9 @@ def load_model(cfg: DictConfig):
     import torch
 
     if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
         from recstab.lit.module import VideoRestorationModule
+        path = Path(cfg.ckpt_path)
+        read_recstab_checkpoint(path)
         module = VideoRestorationModule.load_from_checkpoint(str(path), map_location="cpu")
         model = module.model
         if cfg.get("dampening") is None and "dampening" in module.hparams:
@@ -60,6 +59,33 @@ def load_model(cfg: DictConfig):
     from recstab.norms import refresh
     refresh(model)  # exact power-iteration vectors before measuring anything (a no-op without a norm)
     return model.to(pick_device(cfg.device)).eval()
+
+
+def read_recstab_checkpoint(path: Path) -> dict:
+    """The checkpoint's hyper-parameters; a file that is not a checkpoint of src/train.py is refused with what to do."""
+    from recstab.lit.preflight import PreflightError, read_checkpoint
+
+    try:
+        return dict(read_checkpoint(path)["hyper_parameters"])
+    except PreflightError as error:
+        if not path.is_file():
+            raise
+        raise PreflightError(
+            f"ckpt_path={str(path)!r} is not a checkpoint of src/train.py (a plain state dict or a pickled module?). "
+            "Diagnose your own model from Python: wrap it (recstab.models.StepModel / ClipModel, README 'Diagnose "
+            "your own model') and call recstab.diagnostics.stability_report(model, out_dir)") from error.__cause__
+
+
+def checkpoint_name(hparams: dict) -> str:
+    """The report's name from the checkpoint's own model: backbone-recurrence-task-norm-<channels>ch."""
+    model = dict(hparams.get("model") or {})
+    norm = dict(hparams.get("norm") or model.get("norm") or {})
+    recurrence = model.get("recurrence")
+    recurrence = recurrence.get("name") if isinstance(recurrence, dict) else recurrence
+    parts = [model.get("backbone") or str(model.get("_target_", "model")).rsplit(".", 1)[-1], recurrence,
+             model.get("task"), norm.get("name", norm.get("kind", "none")),
+             f"{model['channels']}ch" if model.get("channels") else None]
+    return "-".join(str(p) for p in parts if p)
 
 
 def report_dir(cfg: DictConfig, out_dir: Path) -> Path:
@@ -89,7 +115,8 @@ def report_dir(cfg: DictConfig, out_dir: Path) -> Path:
 
 def run_report(cfg: DictConfig, out_dir: Path, run=None):
     """Write the stability report of the configured model into ``out_dir`` (see :func:`report_dir`);
-    what it measures is the ``diagnostics`` spec (conf/diagnostics/)."""
+    what it measures is the ``diagnostics`` spec (conf/diagnostics/). ``run``: a W&B run, or a function
+    that starts one, called once the model and the video have passed their checks."""
     from recstab.diagnostics import stability_report
     from recstab.lit.publish import publish_image, publish_metrics, publish_summary
 
@@ -102,13 +129,16 @@ def run_report(cfg: DictConfig, out_dir: Path, run=None):
         stream = OmegaConf.to_container(cfg.long_video, resolve=True)
         if stream.get("gray") is None:
             stream["gray"] = int(model.in_channels) == 1
-        frames = LongVideo(**stream)  # probed by stability_report before anything is measured
+        frames = LongVideo(**stream)
+        frames.probe()  # every file opened before anything is measured (unreadable ones skipped and listed)
+    if callable(run):
+        run = run()
     if cfg.get("resume"):
         log.info("resuming the report in %s", out_dir)
     report = stability_report(model, out_dir, clean_frames=frames, name=cfg.name, spec=spec,
                               sigma=float(cfg.task.sigma) / 255, burst=cfg.get("burst"),
                               overlap=int(cfg.get("overlap") or 0), dampening=cfg.get("dampening"),
-                              resume=bool(cfg.get("resume")))
+                              resume=bool(cfg.get("resume")), source=cfg.get("ckpt_path"))
     log.info("verdict: %s — %s", report.verdict, "; ".join(report.notes))  # the notes name failed sections
     if report.onsets is not None:
         log.info("onsets: %d on %d frames (%d feedback divergences), deciles %s, %.1f fps", report.onsets.n_onsets,
@@ -147,26 +177,54 @@ def start_wandb(cfg: DictConfig, out_dir: Path):
                       config=OmegaConf.to_container(cfg, resolve=True))
 
 
+def user_errors() -> tuple:
+    """Errors a user fixes by changing the command (one line, no traceback; HYDRA_FULL_ERROR=1 shows it)."""
+    from recstab.data.long_video import VideoDecodeError
+    from recstab.diagnostics.measure import ResumeMismatch
+    from recstab.lit.preflight import PreflightError
+    return PreflightError, ResumeMismatch, VideoDecodeError, FileNotFoundError, ValueError
+
+
 @hydra.main(config_path="../conf", config_name="diagnose", version_base="1.3")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
-    if cfg.mode not in ("report", "fig2"):
-        raise ValueError(f"mode must be report or fig2, got {cfg.mode!r}")
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    run = start_wandb(cfg, out_dir)
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    started, target = [], None  # the W&B run, once the inputs have passed their checks
+
+    def start_run():
+        started.append(start_wandb(cfg, out_dir))
+        return started[-1]
+
     try:
+        if cfg.mode not in ("report", "fig2"):
+            raise ValueError(f"mode must be report or fig2, got {cfg.mode!r}")
         if cfg.mode == "fig2":
-            run_fig2(cfg, out_dir, run)
+            run_fig2(cfg, out_dir, start_run())
             return None
-        report = run_report(cfg, out_dir / "report", run)
+        if cfg.get("ckpt_path"):  # the report is named from the checkpoint's own model
+            with open_dict(cfg):
+                cfg.name = checkpoint_name(read_recstab_checkpoint(Path(cfg.ckpt_path)))
+        target = report_dir(cfg, out_dir / "report")
+        report = run_report(cfg, out_dir / "report", start_run)
         failed = [k for k, v in report.sections.items() if v["status"] == "failed"]
         if failed:  # everything measured is written; the exit status says something failed
             raise RuntimeError(f"report sections failed: {', '.join(failed)} (see {report.files['json']})")
         return report.verdict
+    except user_errors() as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"Error: {error}") from None
+    except KeyboardInterrupt:
+        where = f"what was measured is in {target}" if target is not None else "nothing was measured yet"
+        resume = f" resume=true report_dir={target}" if target is not None else ""
+        raise SystemExit(f"Interrupted: {where}; continue with: python src/diagnose.py {overrides}{resume}") from None
     finally:
-        if run is not None:
-            run.finish()
+        for run in started:
+            if run is not None:
+                run.finish()
 
 
 if __name__ == "__main__":

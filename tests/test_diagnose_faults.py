@@ -268,3 +268,54 @@ def test_a_kill_during_a_section_keeps_the_sections_before_it(tmp_path, monkeypa
         ["spectra", "certificate", "trf", "lyapunov"]
     assert data["trf"]["verdict"] == "unbounded" and data["verdict"] == "proven unstable"
     assert (tmp_path / "r" / "trf_unbounded_sequence.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------- whose diagnosis is it
+def test_a_resumed_diagnosis_never_mixes_two_models(tmp_path):
+    """Model A's report folder, resumed with model B: refused before anything is measured, naming the difference;
+    A's report is left as it was. The same model resumes and reuses its own TRF."""
+    from recstab.diagnostics.measure import ResumeMismatch
+
+    folder = tmp_path / "r"
+    first = stability_report(tiny(seed=0), folder, trf_kwargs=TRF, lyapunov_kwargs={"frames": 0}, spectra_n=8)
+    before = (folder / "report.json").read_text()
+    with pytest.raises(ResumeMismatch, match="another model"):
+        stability_report(tiny(seed=1), folder, trf_kwargs=TRF, lyapunov_kwargs={"frames": 0}, spectra_n=8, resume=True)
+    assert (folder / "report.json").read_text() == before
+    (folder / "report.json").unlink()  # only the TRF work file left: it names the weights
+    with pytest.raises(ResumeMismatch, match="model: saved"):
+        stability_report(tiny(seed=1), folder, trf_kwargs=TRF, lyapunov_kwargs={"frames": 0}, spectra_n=8, resume=True)
+    again = stability_report(tiny(seed=0), folder, trf_kwargs=TRF, lyapunov_kwargs={"frames": 0}, spectra_n=8,
+                             resume=True)
+    assert again.trf.verdict == first.trf.verdict and torch.equal(again.trf.inputs, first.trf.inputs)
+
+
+def test_the_report_is_named_from_the_checkpoints_own_model(tmp_path, repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("diagnose_cli", repo_root / "src" / "diagnose.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    hparams = {"model": {"_target_": "recstab.models.build_model", "backbone": "vresnet",
+                         "recurrence": {"_target_": "recstab.models.RLSP", "name": "rlsp"}, "task": "denoise",
+                         "channels": 16}, "norm": {"name": "srnc", "alpha": 2.0}}
+    assert cli.checkpoint_name(hparams) == "vresnet-rlsp-denoise-srnc-16ch"
+    old = {"model": {"backbone": "vdncnn", "recurrence": "feat", "task": "sr2", "norm": {"kind": "none"}}}
+    assert cli.checkpoint_name(old) == "vdncnn-feat-sr2-none"
+    torch.save(tiny().state_dict(), tmp_path / "plain.pt")  # a plain state dict, not a checkpoint of train.py
+    with pytest.raises(ValueError, match="Diagnose your own model from Python"):
+        cli.read_recstab_checkpoint(tmp_path / "plain.pt")
+
+
+@pytest.mark.slow
+def test_user_errors_are_one_line_without_a_traceback(tmp_path, run_script):
+    torch.save(tiny().state_dict(), tmp_path / "plain.pt")
+    for args, words in ((["ckpt_path=nope.ckpt"], "does not exist"),
+                        ([f"ckpt_path={tmp_path / 'plain.pt'}"], "not a checkpoint of src/train.py"),
+                        (["long_video.paths_or_folder=/no/such/videos"], "not found")):
+        result = run_script("diagnose.py", [*args, f"hydra.run.dir={tmp_path / 'run'}", "diagnostics=smoke"], tmp_path)
+        assert result.returncode != 0
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("Error: ") and words in lines[-1], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+        assert not list((tmp_path / "run").glob("wandb/*run-*"))  # refused before any W&B run exists

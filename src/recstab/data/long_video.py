@@ -325,7 +325,7 @@ class LongVideo(IterableDataset):
 
     def _to_tensor(self, frame: np.ndarray) -> torch.Tensor:
         # numpy, not torch: single-threaded, so a decode-ahead thread does not fight the
-        # model's intra-op thread pool (measured 7 ms vs 0.1 ms per 144×176 frame on 2 busy cores)
+        # model's intra-op thread pool (decoding slowed by orders of magnitude on busy cores)
         x = np.ascontiguousarray(frame.transpose(2, 0, 1)).astype(np.float32)
         x *= np.float32(1 / 255)
         if self.gray:

@@ -237,8 +237,8 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
                                                                       else [])
 
     # a resumed TRF must be this model's, at these settings: refused before anything is measured
-    key = trf_key(model, spec.trf, dampening, burst, overlap) if spec.trf is not None else None
-    saved_trf = _load_trf(workdir, key) if resume and workdir is not None and key is not None else None
+    trf_id = trf_key(model, spec.trf, dampening, burst, overlap) if spec.trf is not None else None
+    saved_trf = _load_trf(workdir, trf_id) if resume and workdir is not None and trf_id is not None else None
 
     def spectra():
         result.spectra = engine.conv_spectra(model, int(spec.spectra_n))
@@ -255,7 +255,7 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
         if result.trf is None:
             result.trf = engine.trf(subject, **spec.trf)
             if workdir is not None:
-                torch.save({"key": key, "result": _fields(result.trf)}, workdir / "trf.pt")
+                torch.save({"key": trf_id, "result": _fields(result.trf)}, workdir / "trf.pt")
 
     def lyapunov():
         if burst is not None:

@@ -52,8 +52,8 @@ from torch import nn
 
 from recstab.diagnostics import engine
 from recstab.diagnostics.engine import VERDICTS, ConvSpectra, conv_spectra
-from recstab.diagnostics.measure import SECTIONS, Measurements, MeasureSpec, as_spec, measure
-from recstab.diagnostics.onsets import DIVERGENCE_RATIO, BurstProcessor
+from recstab.diagnostics.measure import SECTIONS, Measurements, MeasureSpec, ResumeMismatch, as_spec, measure
+from recstab.diagnostics.onsets import DIVERGENCE_RATIO, BurstProcessor, model_fingerprint
 from recstab.diagnostics.trf import TRFResult
 from recstab.models.interface import traits
 
@@ -122,7 +122,7 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
                      spec=None, sigma: float = 30 / 255, task: str | None = None, trf_kwargs: dict | None = None,
                      onset_kwargs: dict | None = None, lyapunov_kwargs: dict | None = None,
                      spectra_n: int = 64, burst: int | None = None, overlap: int = 0,
-                     dampening: float | None = None, resume: bool = False) -> StabilityReport:
+                     dampening: float | None = None, resume: bool = False, source: str | None = None) -> StabilityReport:
     """Diagnose `model` (:func:`recstab.diagnostics.measure`) and write the report folder.
 
     Args:
@@ -140,6 +140,7 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
         dampening: diagnose the model with feature dampening λ (appendix F).
         resume: continue a killed report in the same folder: the onset test from its progress
             file, the TRF from trf.pt when it measured this very model at these settings.
+        source: where the model came from (e.g. its checkpoint path), recorded in the report.
     """
     if spec is None:
         lyapunov = {"frames": 200, "size": 64, **dict(lyapunov_kwargs or {})}
@@ -153,9 +154,12 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
     own = getattr(model, "name", None)  # a wrapped model's (recstab.models.adapter) or a built model's name
     report = StabilityReport(name=name or (own if isinstance(own, str) else type(model).__name__),
                              measurements=Measurements(spec))
-    report.settings = {"sigma": sigma, "task": task, "burst": burst, "overlap": overlap,
+    fingerprint = model_fingerprint(model)
+    _refuse_another_models_report(out_dir, fingerprint)
+    report.settings = {"source": source, "model_hash": fingerprint, "recstab_version": _version(), "sigma": sigma,
+                       "sigma_255": sigma * 255, "task": task, "burst": burst, "overlap": overlap,
                        "dampening": traits(model).dampening if dampening is None else dampening,
-                       "diagnostics": dataclasses.asdict(spec)}
+                       "video": _describe(clean_frames), "diagnostics": dataclasses.asdict(spec)}
     report.files = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
     start = time.perf_counter()
 
@@ -192,6 +196,46 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
             overlap=overlap, workdir=out_dir, resume=resume, done=report.measurements, on_section=write)
     write()
     return report
+
+
+def _refuse_another_models_report(out_dir: Path, fingerprint: str) -> None:
+    """A report folder holding another model's report is never written into (resumed or not)."""
+    path = out_dir / "report.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    other = (saved.get("settings") or {}).get("model_hash")
+    if other is not None and other != fingerprint:
+        raise ResumeMismatch(f"{path} is the report of another model ({saved.get('name')!r}, weights {other[:12]}…; "
+                             f"this one: {fingerprint[:12]}…): it is not overwritten. Give this diagnosis its own "
+                             "report_dir (or drop report_dir / resume=true).")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("recstab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _describe(frames) -> dict | None:
+    """What the stream is: files, frame size, frames (a LongVideo); None without one."""
+    if frames is None:
+        return None
+    out = {"type": type(frames).__name__}
+    if hasattr(frames, "files"):
+        out["files"] = [str(f) for f in frames.files]
+        out.update(loop_to=getattr(frames, "loop_to", None), resize=getattr(frames, "resize", None),
+                   crop=getattr(frames, "crop", None), gray=getattr(frames, "gray", None))
+    try:
+        out["frames"] = len(frames)
+    except TypeError:
+        pass
+    return out
 
 
 def _save_sequence(model: nn.Module, trf: TRFResult, out_dir: Path, burst: int | None = None,
@@ -237,8 +281,15 @@ def markdown(report: StabilityReport) -> str:
     """The one-page summary."""
     t, o, c, le = report.trf, report.onsets, report.certificate, report.lyapunov
     lines = [f"# Stability report: {report.name}", "", f"**Verdict: {report.verdict}** — {MEANING[report.verdict]}", ""]
+    st = report.settings
+    video = st.get("video") or {}
+    lines += [f"Model: {st.get('source') or 'built in memory'} (weights {str(st.get('model_hash'))[:12]}…), "
+              f"dampening {st.get('dampening')}; input: {st.get('task')}, σ = {st.get('sigma_255', 0):.3g}/255"
+              + (f"; video: {', '.join(Path(f).name for f in video.get('files', []))}" if video.get("files") else "")
+              + f"; diagnostics preset {(st.get('diagnostics') or {}).get('name')}; recstab {st.get('recstab_version')}.",
+              ""]
     lines += ["| section | status |", "|---|---|"]
-    lines += [f"| {k} | {_cell(report.sections[k]['status'])}"
+    lines += [f"| {k} | {_cell(report.sections[k]['status'])} ({report.sections[k].get('seconds', 0):.1f} s)"
               f"{' — ' + _cell(report.sections[k]['error']) if 'error' in report.sections[k] else ''} |"
               for k in SECTIONS if k in report.sections]
     lines += [f"| {k} | not run yet |" for k in SECTIONS if k not in report.sections]

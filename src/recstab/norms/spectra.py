@@ -79,7 +79,7 @@ def _blocks(weight: torch.Tensor, n: int) -> torch.Tensor:
     """The blocks F(p, q), p < n, q <= n//2, as an n × (n//2+1) batch of tall matrices.
 
     Wide blocks (c_out < c_in) are conjugate-transposed (same singular values): batched
-    LAPACK SVDs of wide complex matrices ran 20x slower with two threads on this CPU.
+    LAPACK SVDs of wide complex matrices can run many times slower with two threads (benchmarks/results/norms.md).
     """
     blocks = torch.fft.rfft2(weight.detach(), s=(n, n)).permute(2, 3, 0, 1)
     return (blocks if blocks.shape[-2] >= blocks.shape[-1] else blocks.mH).contiguous()

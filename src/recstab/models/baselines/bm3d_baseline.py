@@ -6,7 +6,7 @@ colour space) for RGB frames, ``bm3d.bm3d`` for grey ones, with the noise standa
 deviation ``sigma/255`` on the [0, 1] scale. The paper used the authors' Matlab code.
 
 The model has no parameters and no state: it can be tested, not trained. It is slow on
-CPU (about 20 s per 448×256 RGB frame on one core here), so the full Table 1 test set
+CPU (tens of seconds per 448×256 RGB frame on one core: benchmarks/results), so the full Table 1 test set
 (1024 × 7 frames) is a long job; ``fps`` in the report measures exactly that.
 
 VNLB (Arias & Morel, 2018), the other non-learned method of Table 1, has no Python
