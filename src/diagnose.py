@@ -138,7 +138,7 @@ def run_report(cfg: DictConfig, out_dir: Path, run=None):
     report = stability_report(model, out_dir, clean_frames=frames, name=cfg.name, spec=spec,
                               sigma=float(cfg.task.sigma) / 255, burst=cfg.get("burst"),
                               overlap=int(cfg.get("overlap") or 0), dampening=cfg.get("dampening"),
-                              resume=bool(cfg.get("resume")), source=cfg.get("ckpt_path"))
+                              resume=bool(cfg.get("resume")), source=cfg.get("ckpt_path"), progress=True)
     log.info("verdict: %s — %s", report.verdict, "; ".join(report.notes))  # the notes name failed sections
     if report.onsets is not None:
         log.info("onsets: %d on %d frames (%d feedback divergences), deciles %s, %.1f fps", report.onsets.n_onsets,

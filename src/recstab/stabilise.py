@@ -80,8 +80,9 @@ def measure_at(model, dampening: float, spec, stream, sigma: float) -> Measureme
     """The spec's certificate, TRF and λ₁ of ``model`` with feature dampening λ, and their verdict."""
     from recstab.diagnostics import measure
 
+    log.info("measuring at dampening λ = %.4g", dampening)
     m = measure(model, spec.only("certificate", "trf", "lyapunov"), clean_frames=stream, sigma=sigma / 255,
-                dampening=dampening)
+                dampening=dampening, progress=True)
     nan = float("nan")
     return Measurement(float(dampening), nan if m.certificate is None else float(m.certificate.bound),
                        bool(m.certificate is not None and m.certificate.certified),
@@ -298,7 +299,7 @@ def stabilise_finetune(module, measure_lam, datamodule, data_cfg: dict, cfg: Dic
     trainer = L.Trainer(max_steps=int(f.steps), max_epochs=-1, accelerator=cfg.accelerator, devices=1,
                         logger=CSVLogger(str(out_dir), name="csv", version=""), enable_checkpointing=False,
                         gradient_clip_val=f.gradient_clip_val, log_every_n_steps=10, num_sanity_val_steps=0,
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, enable_progress_bar=True, enable_model_summary=False,
                         default_root_dir=str(out_dir))
     trainer.fit(tuned, datamodule=datamodule)
     from recstab.norms import refresh

@@ -17,6 +17,7 @@
 Nothing here logs to W&B: callers publish (:mod:`recstab.lit.publish`).
 """
 
+from recstab.diagnostics.demonstration import Demonstration, demonstrate, replay
 from recstab.diagnostics.figure2 import CONNECTIONS, Figure2Result, figure2
 from recstab.diagnostics.onsets import (BurstProcessor, OnsetResult, burst_process, deciles,
                                         instability_onsets)
@@ -27,7 +28,7 @@ from recstab.diagnostics.trf import TRFResult, temporal_receptive_field
 from recstab.models.certificate import (LoopCertificate, chain_certificate, default_conv_norm, loop_certificate,
                                         triangular_certificate)
 
-__all__ = ["measure", "MeasureSpec", "Measurements", "Diagnostic", "SECTIONS", "temporal_receptive_field", "TRFResult", "lyapunov_exponent", "LyapunovResult",
+__all__ = ["demonstrate", "replay", "Demonstration", "measure", "MeasureSpec", "Measurements", "Diagnostic", "SECTIONS", "temporal_receptive_field", "TRFResult", "lyapunov_exponent", "LyapunovResult",
            "instability_onsets", "OnsetResult", "deciles",
            "BurstProcessor", "burst_process", "stability_report", "StabilityReport", "VERDICTS",
            "conv_spectra", "figure2", "Figure2Result", "CONNECTIONS", "loop_certificate", "LoopCertificate",

@@ -1,10 +1,8 @@
-"""The one measurement engine: every stability number of a model, computed here, in one namespace.
+"""Each measurement's function and metrics, and the verdict rule; :mod:`.measure` drives them.
 
-The stability report (:func:`recstab.diagnostics.stability_report`, ``src/diagnose.py``), the
-training callbacks (:class:`recstab.lit.stability_callbacks.StabilityMonitor`, ``OnsetTest``,
-:class:`recstab.lit.spectrum_callback.SpectrumMonitor`) and the sweep measurements
-(:class:`recstab.report.measure.TableMeasurements`) all measure through these functions and
-log the same keys:
+Every caller measures through :func:`recstab.diagnostics.measure` (the stability report, the
+training monitor, the sweeps' TableMeasurements, stabilise) or, for the spectra alone, through
+:func:`conv_spectra` (:class:`recstab.lit.spectrum_callback.SpectrumMonitor`), under the same keys:
 
 ==================================  =============================================================
 key                                 meaning
@@ -41,8 +39,9 @@ Verdicts — the words match what was proved (:func:`decide`):
 - **certified stable** — a theorem: the loop certificate's bound L̂ < 1. The recurrence map is
   a contraction in the stated norm (the paper's Definition 2), so the model is stable on every
   input, whatever a search finds.
-- **proven unstable** — a demonstrated diverging sequence: the TRF stress test's verdict is
-  "unbounded" (its input X is saved next to the report, so anyone can replay it), or the
+- **proven unstable** — a demonstrated diverging sequence: the TRF's replayed demonstration
+  (:mod:`recstab.diagnostics.demonstration`: its period X and repeats M are saved next to the report,
+  so anyone can replay it; never fired by a map of spectral radius < 1), or the
   long-video test met a *feedback divergence* on a finite input (the output with the carried
   state diverged, the same frame from the initial state does not; the frame range is named).
 - **empirically stable** — no divergence was found and the largest Lyapunov exponent measured

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ class Measurements:
 def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30 / 255, task: str | None = None,
             dampening: float | None = None, burst: int | None = None, overlap: int = 0,
             onset_streams: list | None = None, workdir: str | Path | None = None, resume: bool = False,
-            done: Measurements | None = None,
+            done: Measurements | None = None, progress: bool = False,
             on_section: Callable[[str, Measurements], None] | None = None) -> Measurements:
     """Measure `model` as `spec` says (see the module docstring) and decide its verdict.
 
@@ -227,6 +228,8 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
         resume: continue from the work files.
         done: measurements already made (sections with status done are not measured again).
         on_section: called after every section with its name and the measurements so far.
+        progress: log each section's estimated cost before it starts and show a progress bar over the
+            whole measurement in estimated seconds (its ETA), for the command-line tools.
     """
     spec = as_spec(spec)
     task = task or traits(model).task
@@ -286,14 +289,21 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
     for name, diagnostic in spec.extra.items():
         runners[name] = lambda diagnostic=diagnostic, name=name: result.extra.__setitem__(name, dict(
             diagnostic(subject, result)))
+    todo = [k for k in [*SECTIONS, *spec.extra]
+            if spec.runs(k) and result.sections.get(k, {}).get("status") != "done"]
     with evaluating(model, dampening):
         subject = BurstProcessor(model, burst, overlap) if burst is not None else model
+        cost = estimate_seconds(model, spec, todo, streams) if progress else {}
+        bar = _progress_bar(cost, spec.name) if progress else None
         for key in [*SECTIONS, *spec.extra]:
             if not spec.runs(key):
                 result.sections[key] = {"status": f"skipped: not in the diagnostics spec ({spec.name})", "seconds": 0.0}
                 continue
             if result.sections.get(key, {}).get("status") == "done":
                 continue
+            if bar is not None:
+                bar.set_postfix_str(key)
+                log.info("measuring %s: about %s", key, _duration(cost.get(key, 0.0)))
             start = time.perf_counter()
             try:
                 status = runners[key]() or "done"
@@ -303,10 +313,66 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
                 result.sections[key] = {"status": "failed", "seconds": time.perf_counter() - start,
                                         "error": f"{type(error).__name__}: {error}"}
             result.decide()
+            if bar is not None:
+                bar.update(cost.get(key, 0.0))
             if on_section is not None:
                 on_section(key, result)
+        if bar is not None:
+            bar.close()
     result.decide()
     return result
+
+
+def estimate_seconds(model: nn.Module, spec: MeasureSpec, sections, streams=()) -> dict:
+    """Rough wall time of each section, from one timed model step on this device: TRF ≈ iters × frames ×
+    3 steps (forward and backward) at its size, λ₁ ≈ 3 steps per frame (forward and a JVP), the onset test
+    ≈ 1.5 steps per frame at the stream's frame size; spectra and the certificate ≈ an FFT per conv."""
+    def step_seconds(side: int) -> float:
+        param = next(iter(model.parameters()), None)
+        x = torch.rand(1, 2, traits(model).in_channels, side, side, device=param.device if param is not None else "cpu")
+        with torch.no_grad():
+            model(x[:, :1])
+            start = time.perf_counter()
+            model(x)
+        return (time.perf_counter() - start) / 2
+
+    out, convs = {}, sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    try:
+        for key in sections:
+            if key == "trf":
+                out[key] = 3 * spec.trf.get("iters", 500) * spec.trf.get("frames", 81) * step_seconds(
+                    int(spec.trf.get("size", 64)))
+            elif key == "lyapunov":
+                out[key] = 3 * spec.lyapunov.get("frames", 120) * step_seconds(int(spec.lyapunov.get("size") or 64))
+            elif key == "onsets":
+                frames = spec.onsets.get("max_frames") or sum(_length(s) for s in streams) or 1000
+                side = int(math.sqrt(144 * 176))  # the bundled clips' frame size; videos of your own vary
+                out[key] = 1.5 * frames * step_seconds(side)
+            else:
+                out[key] = 0.05 * convs * (1 + (spec.spectra_n or 0) / 64) ** 2
+    except Exception:  # an estimate never stops a measurement
+        log.debug("no time estimate", exc_info=True)
+    return out
+
+
+def _length(stream) -> int:
+    try:
+        return len(stream)
+    except TypeError:
+        return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _progress_bar(cost: dict, name: str):
+    from tqdm.auto import tqdm
+    total = sum(cost.values())
+    log.info("diagnostics preset %s: about %s in all (%s)", name, _duration(total),
+             ", ".join(f"{k} {_duration(v)}" for k, v in cost.items()))
+    return tqdm(total=total, unit="s", desc=f"diagnostics ({name})", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                "{n:.0f}/{total:.0f} est. s [{elapsed}<{remaining}{postfix}]", dynamic_ncols=True)
 
 
 def _fields(result) -> dict:

@@ -53,6 +53,7 @@ from torch import nn
 from recstab.diagnostics import engine
 from recstab.diagnostics.engine import VERDICTS, ConvSpectra, conv_spectra
 from recstab.diagnostics.measure import SECTIONS, Measurements, MeasureSpec, ResumeMismatch, as_spec, measure
+from recstab.diagnostics.demonstration import replay
 from recstab.diagnostics.onsets import DIVERGENCE_RATIO, BurstProcessor, model_fingerprint
 from recstab.diagnostics.trf import TRFResult
 from recstab.models.interface import traits
@@ -122,7 +123,8 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
                      spec=None, sigma: float = 30 / 255, task: str | None = None, trf_kwargs: dict | None = None,
                      onset_kwargs: dict | None = None, lyapunov_kwargs: dict | None = None,
                      spectra_n: int = 64, burst: int | None = None, overlap: int = 0,
-                     dampening: float | None = None, resume: bool = False, source: str | None = None) -> StabilityReport:
+                     dampening: float | None = None, resume: bool = False, source: str | None = None,
+                     progress: bool = False) -> StabilityReport:
     """Diagnose `model` (:func:`recstab.diagnostics.measure`) and write the report folder.
 
     Args:
@@ -141,6 +143,7 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
         resume: continue a killed report in the same folder: the onset test from its progress
             file, the TRF from trf.pt when it measured this very model at these settings.
         source: where the model came from (e.g. its checkpoint path), recorded in the report.
+        progress: estimated cost of each section up front, a progress bar with an ETA (the CLI's).
     """
     if spec is None:
         lyapunov = {"frames": 200, "size": 64, **dict(lyapunov_kwargs or {})}
@@ -183,7 +186,8 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
         report.extra_notes = []
         if "trf_sequence" in report.files and report.trf is not None and report.trf.verdict == "unbounded":
             report.extra_notes.append(f"the diverging TRF sequence is saved in {Path(report.files['trf_sequence']).name}"
-                                      " (inputs X, outputs Y; replay: model(X[None]))")
+                                      " (the period X and its repeats M; replay: "
+                                      "recstab.diagnostics.demonstration.replay(model, path))")
         if burst is not None:
             report.extra_notes.append(f"diagnosed burst by burst (burst={burst}, overlap={overlap}); the certificate "
                                       "is the underlying model's")
@@ -193,7 +197,8 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
         _atomic_write(report.files["markdown"], markdown(report))
 
     measure(model, spec, clean_frames=clean_frames, sigma=sigma, task=task, dampening=dampening, burst=burst,
-            overlap=overlap, workdir=out_dir, resume=resume, done=report.measurements, on_section=write)
+            overlap=overlap, workdir=out_dir, resume=resume, done=report.measurements, on_section=write,
+            progress=progress)
     write()
     return report
 
@@ -240,20 +245,15 @@ def _describe(frames) -> dict | None:
 
 def _save_sequence(model: nn.Module, trf: TRFResult, out_dir: Path, burst: int | None = None,
                    overlap: int = 0) -> Path:
-    """Save the TRF's diverging sequence and replay it: the proof, checkable by anyone."""
+    """Save the TRF's demonstration (the period X and how often it is repeated) and replay it from the file:
+    the proof, checkable by anyone with ``recstab.diagnostics.demonstration.replay(model, path)``."""
     subject = BurstProcessor(model, burst, overlap) if burst is not None else model
-    path = out_dir / "trf_unbounded_sequence.pt"
-    with torch.no_grad():
-        param = next(iter(subject.parameters()), None)
-        x = trf.inputs.to(param.device if param is not None else "cpu")
-        replay = subject(x[None])[0].cpu()
-    saved = trf.outputs.cpu()
-    both = torch.isfinite(replay) & torch.isfinite(saved)
-    agree = bool(torch.equal(torch.isfinite(replay), torch.isfinite(saved))) and bool(
-        torch.allclose(replay[both], saved[both], rtol=1e-3, atol=1e-4))
-    torch.save({"inputs": trf.inputs.cpu(), "outputs": saved, "verdict": trf.verdict, "reason": trf.reason,
-                "replayed_outputs_agree": agree,
-                "how": "y = model(inputs[None]) from the initial state, in eval mode; inputs are in [0, 1]"}, path)
+    path = trf.demonstration.save(out_dir / "trf_unbounded_sequence.pt")
+    again = replay(subject, path)
+    saved = torch.load(path, weights_only=False)
+    saved.update(replayed_status=again.status, replayed_status_agrees=again.status == trf.demonstration.status,
+                 verdict=trf.verdict, reason=trf.reason)
+    torch.save(saved, path)
     return path
 
 
@@ -317,8 +317,9 @@ def markdown(report: StabilityReport) -> str:
         if len(finite):
             lines.append(f"| median PSNR (dB, raw output) | {float(np.median(finite)):.2f} |")
     if t is not None:
-        lines += ["", f"Thresholds: TRF influence > {t.threshold:g} of the largest counts, unbounded needs it at x_-τ "
-                  f"and outputs diverging at > {t.growth_tol:g}/frame (2 s.e.); an instability is a frame with "
+        lines += ["", f"Thresholds: TRF influence > {t.threshold:g} of the largest counts; unbounded needs a replayed "
+                  "demonstration (X repeated from the initial state: a non-finite output, or growth by 10⁶ over the "
+                  "last doubling of ≥ 32 periods, still rising); an instability is a frame with "
                   "PSNR < 0 dB or a non-finite output, a feedback divergence one whose output with the carried "
                   f"state is non-finite or over {DIVERGENCE_RATIO:g}× the output from the initial state; certified "
                   "when the bound is < 1."]

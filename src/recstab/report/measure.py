@@ -211,7 +211,7 @@ class TableMeasurements(L.Callback):
                 self.measurements = m = measure(model, spec, clean_frames=streams[0] if streams else None,
                                                 onset_streams=streams if spec.onsets is not None else None,
                                                 sigma=self.sigma / 255, dampening=dampening,
-                                                burst=self.burst, overlap=self.overlap)
+                                                burst=self.burst, overlap=self.overlap, progress=True)
                 results.update(m.summary())
                 if self.fps is not None:
                     with torch.no_grad():
