@@ -42,7 +42,7 @@ def build_model(backbone: str = "vresnet", recurrence: str | TemporalConnection 
     is what a ``conf/recurrence`` file with a ``_target_`` gives) or a baseline name (then
     ``recurrence`` is ignored). ``init``: ``he``
     (He-normal, the paper's Fig. 2 setting) or ``near_identity`` (the same with the tail
-    scaled by 0.1, so that the residual model starts close to the identity and training
+    scaled by 0.1: a 10× smaller initial correction, not the identity, so that training
     does not spend its first steps undoing a large random correction). ``norm``: a weight
     normalisation object (``recstab.norms.SRNC(alpha=2, beta=0.1)``, what ``conf/norm/*.yaml``
     instantiates), applied to the built model with ``norm(model)``; a dict is read by

@@ -29,7 +29,7 @@ from recstab.models.connections import RECURRENCES, TemporalConnection, connecti
 from recstab.models.interface import StreamingNotSupported, VideoModel, check_task
 
 INITS = ("he", "near_identity")  # He-normal everywhere | the same with the tail scaled down
-NEAR_IDENTITY_TAIL_GAIN = 0.1    # the residual output starts close to the input frame
+NEAR_IDENTITY_TAIL_GAIN = 0.1    # the residual correction starts 10x smaller than He-normal's
 
 
 class RecurrentVideoModel(VideoModel):
