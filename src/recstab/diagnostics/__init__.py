@@ -18,7 +18,7 @@ Nothing here logs to W&B: callers publish (:mod:`recstab.lit.publish`).
 """
 
 from recstab.diagnostics.demonstration import Demonstration, demonstrate, replay
-from recstab.diagnostics.figure2 import CONNECTIONS, Figure2Result, figure2
+from recstab.diagnostics.figure2 import Figure2Result, figure2
 from recstab.diagnostics.onsets import (BurstProcessor, OnsetResult, burst_process, deciles,
                                         instability_onsets)
 from recstab.diagnostics.measure import SECTIONS, Diagnostic, Measurements, MeasureSpec, measure
@@ -31,5 +31,5 @@ from recstab.models.certificate import (LoopCertificate, chain_certificate, defa
 __all__ = ["demonstrate", "replay", "Demonstration", "measure", "MeasureSpec", "Measurements", "Diagnostic", "SECTIONS", "temporal_receptive_field", "TRFResult", "lyapunov_exponent", "LyapunovResult",
            "instability_onsets", "OnsetResult", "deciles",
            "BurstProcessor", "burst_process", "stability_report", "StabilityReport", "VERDICTS",
-           "conv_spectra", "figure2", "Figure2Result", "CONNECTIONS", "loop_certificate", "LoopCertificate",
+           "conv_spectra", "figure2", "Figure2Result", "loop_certificate", "LoopCertificate",
            "chain_certificate", "triangular_certificate", "default_conv_norm"]

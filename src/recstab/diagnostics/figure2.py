@@ -30,7 +30,6 @@ from recstab.models.interface import traits
 
 BLOWUP = 1e6  # RMS(y_t) above this counts as diverged (inputs and sane outputs are ~[0, 1])
 
-CONNECTIONS = ("none", "mf3", "mf7", "shift", "feat", "frame", "rlsp", "birlsp")
 LABELS = {"none": "single frame", "mf3": "multi-frame (3)", "mf7": "multi-frame (7)",
           "shift": "feature-shifting", "feat": "feature-recurrence", "frame": "frame-recurrence",
           "rlsp": "RLSP", "birlsp": "bidirectional RLSP"}
@@ -80,14 +79,14 @@ def output_norms(model, frames: int, size: int, seed: int = 0, chunk: int = 10,
     return rms, first
 
 
-def figure2(path: str | Path | None = None, connections=CONNECTIONS, backbone: str = "vresnet",
+def figure2(path: str | Path | None, connections, backbone: str = "vresnet",
             channels: int = 64, depth: int | None = None, frames: int = 100, size: int = 64,
             seed: int = 0, chunk: int = 10, blowup: float = BLOWUP) -> Figure2Result:
     """Build every connection untrained, run it on the random input, plot RMS(y_t) against t.
 
     Args:
         path: PNG to write (None: no file).
-        connections: recurrence names (see :data:`recstab.models.RECURRENCES`).
+        connections: recurrence names (``fig2.connections`` of conf/diagnose.yaml lists the paper's).
         backbone, channels, depth: the backbone (the paper: five conv+ReLU layers; default VResNet, 64).
         frames, size: length and H = W of the random input.
         seed: seeds the weights (each model built from ``seed``) and the input frames.
