@@ -10,84 +10,78 @@ its singular values are those of the n² blocks
 
     K̂(f) = Σ_{a,b} K[:, :, a, b] · e^{-iθ_ab(f)},   θ_ab(f) = 2π(p·a + q·b)/n,  f = (p, q),
 
-so ‖W(K)‖₂ = max_f σ₁(K̂(f)), and K real gives K̂(−f) = conj K̂(f): the n·(n//2+1)
-frequencies of `rfft2` suffice. A power iteration on W itself converges slowly
-(the top of a conv spectrum is a near-continuum of frequencies; per frequency it
-is not), so SRN-C runs one power iteration per frequency, batched:
+so ‖W(K)‖₂ = max_f σ₁(K̂(f)), and K real gives K̂(−f) = conj K̂(f): the F = n·(n//2+1)
+frequencies of `rfft2` suffice.
 
-- state: the buffer u, one unit left vector u_f ∈ C^{c_out} per frequency
-  (stored as a real c_out × F × 2 tensor, F = n·(n//2+1));
-- one step: v_f = K̂(f)ᴴu_f/‖·‖, u_f = K̂(f)v_f/‖·‖, and s_f = ‖K̂(f)v_f‖ ≤ σ₁(K̂(f)).
-  Both products for all F frequencies are ONE real matrix product each:
-  K̂(f)v_f = Σ_ab K_ab (e^{-iθ_ab(f)} v_f) is the (c_out × kh·kw·c_in) kernel times the
-  stacked, phase-modulated vectors — no block is ever formed;
-- each optimisation step updates half of the frequencies (p + q even, then odd, in
-  turn: every frequency every other step, and any peak of the response has fresh
-  neighbours every step); a refresh, the constructor and a state-dict load sweep all;
-- candidates: the TRACKED largest s_f of each half (estimates of one age are compared
-  with each other only), plus — the step's kernel change ΔK̂(f) bounds how far σ₁ can
-  move, and ‖ΔK̂(f)‖_F for all f costs one kh·kw × kh·kw Gram matrix of the taps'
-  change — up to TRACKED frequencies whose s_f + ‖ΔK̂(f)‖_F exceeds the largest σ₁
-  found (Adam moves taps coherently and lifts low frequencies faster than a power
-  iteration follows). Their blocks K̂(f) come from a direct DFT (kh·kw taps) and get
-  exact singular values; the largest σ₁ among them is the operator norm (exact
-  whenever the true arg-max frequency is a candidate) and one SVD of that block
-  gives the pair (f*, u*, v*), K̂(f*)v* = σ u*, that defines the normalisation
-  below; u*, exact, is written back into u.
-On a new kernel (every optimisation step) this runs BEFORE the weight is
-normalised, so the weight a step trains with is normalised with singular vectors
-of that very kernel, not of the previous one. No random part is added anywhere:
-nothing keeps the iteration from converging. Measured in a plain training loop
-(Adam, He init, 4-conv recurrent nets of 8–16 channels, n = 16 and 32, 50 steps,
-no refresh, every layer at every step against its exact FFT spectrum): at lr 1e-3
-max |‖W‖₂/α − 1| = 2.8e-5 (under 1e-6 in 11 of 12 runs) for β = 1 and 0.1, with
-srank/(n²m) = β to 1e-6 when the constraint binds (tests/test_norms.py); at lr 1e-2
-(taps moving ~10 % per step) under 1e-6 in 9 of 12 runs but up to 1.5e-2 in the
-others: the low frequencies of a layer then grow faster than its vectors follow;
-power_iters = 2 brings those two worst runs to 6e-7. VResNet-feat, 64 channels, n = 64:
-benchmarks/results/norms.md.
+The map. SRN-C is the function kernel ↦ weight defined below with EXACT spectra; what
+the module computes is that function, and its gradient is the derivative of that function.
+Everything that depends on the spectrum enters through a few discrete choices — the
+arg-max frequency f* of σ₁(K̂(f)) and, for β < 1, the arg-max f′ of the shrunk kernel K′ —
+which are locally constant in K, and through smooth functions of the two blocks K̂(f*),
+K̂′(f′) (σ₁ and its singular vectors, which autograd differentiates exactly when σ₁ is simple).
+
+Which frequency is the arg-max, and what is guaranteed:
+- `exhaustive` layers (F·max(m, 8)³ ≤ EXHAUSTIVE, e.g. up to 16 channels at n = 16 or 8 at
+  n = 64): every evaluation computes the singular values of all F blocks (one FFT, one batched
+  SVD, float64). f* is then the exact arg-max, so ‖W‖₂ = α to float precision at every step —
+  both sides of the band by construction — and the gradient is that of the exact map.
+- larger layers: a per-frequency power iteration tracks the spectrum (state: the buffer u, one
+  unit left vector u_f ∈ C^{c_out} per frequency, stored as a real c_out × F × 2 tensor; each
+  optimisation step updates half of the frequencies, p + q even then odd, by one batched
+  step — no block is formed: K̂(f)v_f = Σ_ab K_ab(e^{-iθ_ab(f)}v_f) is one matrix product for
+  all f), and the candidates — the TRACKED largest estimates of each half, plus those whose
+  estimate plus the step's change ‖ΔK̂(f)‖_F (one kh·kw × kh·kw Gram matrix of the taps'
+  change) exceeds the largest σ₁ found — get exact singular values; f* is the best of them.
+  σ = σ₁(K̂(f*)) is exact, so ‖W‖₂ ≥ α always (the lower side holds by construction); the
+  upper side holds when the true arg-max is among the candidates (measured, not proven:
+  benchmarks/results/norms.md). Proving it at every step needs the singular values of all
+  F blocks (a certified upper bound per block: one Cholesky factorisation or eigenvalue
+  problem each, ~0.1 s per 64-channel layer at n = 64 on one CPU thread) — beyond the 5 %
+  step budget. Eval mode and `refresh(exact=True)` always use the exhaustive arg-max.
 
 Derivation of the normalisation (and of γ).
 
 1. K ↦ W(K) is linear, and every kernel entry appears once in each of the n²
    rows of its output channel, so ⟨W(K), W(L)⟩_F = n²⟨K, L⟩_F; in particular
    ‖W(K)‖_F² = n²‖K‖_F².
-2. σ = Re(u*ᴴ K̂(f*) v*) = Σ_{o,c,a,b} K[o,c,a,b]·Re(conj(u*_o)·v*_c·e^{-iθ_ab(f*)}) = ⟨K, G⟩_F with
-       G[o, c, a, b] = Re(conj(u*_o) · v*_c · e^{-iθ_ab(f*)}),
-   the real part of the per-frequency outer product conj(u*)·v*ᵀ mapped back to the
-   taps (it is also uᵀW(K)v for the real plane waves u(x) ∝ Re(u* e^{iθ(x)}), v alike).
-   u*, v* (hence G) are constants; K̃ = K/σ is differentiable through σ = ⟨K, G⟩
-   (Miyato's SN). Nothing is lost: σ₁(K̂(f*)) has gradient exactly G when σ₁ is a
-   simple singular value (∂σ₁ = Re uᴴ ∂K̂ v), so the gradient is the true one.
+2. Let (u, v) be the top singular pair of K̂(f*), K̂(f*)v = σu. Then
+       σ = Re(uᴴ K̂(f*) v) = Σ_{o,c,a,b} K[o,c,a,b]·Re(conj(u_o)·v_c·e^{-iθ_ab(f*)}) = ⟨K, G⟩_F,
+       G[o, c, a, b] = Re(conj(u_o) · v_c · e^{-iθ_ab(f*)})
+   (G is also uᵀW(K)v for the real plane waves u(x) ∝ Re(u e^{iθ(x)}), v alike). K̃ = K/σ.
+   σ₁ is differentiated exactly (its gradient is G: ∂σ₁ = Re uᴴ ∂K̂ v); G itself depends on K
+   through (u, v), and that dependence is differentiated too (β < 1 below).
 3. Stable rank. With ‖W(K̃)‖₂ = 1 and fact 1,
        srank(W(K̃)) = n²‖K̃‖_F²,   so   srank ≤ β·n²·m  ⇔  ‖K̃‖_F² ≤ β·m   (n cancels).
 4. The rank-one part. The paper writes S1 = u vᵀ, but a kh×kw kernel cannot
    represent u vᵀ (an operator of rank one on the whole map); its kernel-space
    counterpart is the direction G. Project K̃ on it: since ⟨K̃, G⟩ = σ/σ = 1,
        S1 = G / ‖G‖_F²,   S2 = K̃ − S1,   ⟨S1, S2⟩ = 1/‖G‖² − ‖G‖²/‖G‖⁴ = 0,
-   and Re u*ᴴŜ1(f*)v* = ⟨S1, G⟩ = 1, Re u*ᴴŜ2(f*)v* = 0: the top singular pair is
+   and Re uᴴŜ1(f*)v = ⟨S1, G⟩ = 1, Re uᴴŜ2(f*)v = 0: the top singular pair is
    carried by S1, so shrinking S2 lowers the rest of the spectrum.
-   ‖G‖² = ½(kh·kw + Re(c·ζ)) with c = Σ_ab e^{-2iθ_ab(f*)}, ζ = (u*ᴴ conj u*)(v*ᵀv*):
-   ‖S1‖² = 1/‖G‖² is 1/(kh·kw) at f* ∈ {0, n/2}² (real u*, v*) and ≈ 2/(kh·kw) far from it.
+   ‖G‖² = ½(kh·kw + Re(c·ζ)) with c = Σ_ab e^{-2iθ_ab(f*)}, ζ = (uᴴ conj u)(vᵀv):
+   ‖S1‖² = 1/‖G‖² is 1/(kh·kw) at f* ∈ {0, n/2}² (real u, v) and ≈ 2/(kh·kw) far from it.
 5. γ solves ‖S1 + γS2‖_F² = ‖S1‖² + γ²‖S2‖² = β·m·κ²:
-       γ = √((β·m·κ² − ‖S1‖_F²) / ‖S2‖_F²),
-   applied only when γ < 1 (the constraint binds; otherwise K̃ already satisfies
-   it). κ = 1 is the formula when W(S1 + γS2) keeps norm 1, which the step
-   "S1 carries the top pair" suggests but does not prove: Ŝ1(f*) =
-   (kh·kw·u*v*ᴴ + c·conj(u*)v*ᵀ)/(2‖G‖²) is not u*v*ᴴ, and Re u*ᴴŜ1(f*)v* = 1 only bounds
-   its norm from below. Measured with exact singular vectors (He-init kernels, n = 16–32,
-   β = 0.1): ‖W(S1 + γS2)‖₂ = 1.0000–1.003 far from the self-conjugate frequencies,
-   but up to 1.12 near them (c large, ζ complex: small channel counts, low
-   frequencies), with srank/(n²m) = 0.08 instead of 0.1. So the weight is
-       weight = α·K′/κ,   K′ = S1 + γS2,   κ = ‖W(K′)‖₂ = ⟨K′, G′⟩,
-   G′ from the top singular pair of K′ (found like that of K, among the tracked
-   frequencies), and κ in γ is the fixed point κ = ‖W(S1 + γ(κ)S2)‖₂ (a few
-   iterations, each a handful of small SVDs; κ then enters γ as a constant, like
-   the target β·m). Then ‖W‖₂ = α and srank(W) = n²‖K′‖²/κ² = β·n²·m, both to the
-   precision of the fixed point (1e-6). If β·m·κ² < ‖S1‖² the target is below what
-   the rank-one part alone has: γ = 0 and the weight is the constant α·S1/κ. Since
-   ‖G‖² ≤ kh·kw, ‖S1‖² ≥ 1/(kh·kw), so β ≤ 1/(m·kh·kw) is degenerate whatever the kernel
-   (apply_norm warns).
+       γ(κ) = min(1, √(max(0, β·m·κ² − ‖S1‖_F²) / ‖S2‖_F²)),
+   applied only when ‖K̃‖² > β·m (the constraint binds; otherwise the weight is α·K̃).
+   κ = 1 is the formula when W(S1 + γS2) keeps norm 1, which "S1 carries the top pair"
+   suggests but does not prove: Ŝ1(f*) = (kh·kw·u vᴴ + c·conj(u)vᵀ)/(2‖G‖²) is not u vᴴ, and
+   Re uᴴŜ1(f*)v = 1 only bounds its norm from below (measured on He-init kernels, n = 16–32,
+   β = 0.1: ‖W(S1 + γS2)‖₂ up to 1.12 near self-conjugate frequencies). So
+       weight = α·K′/κ,   K′ = S1 + γ(κ)·S2,   κ = ‖W(K′)‖₂ = σ₁(K̂′(f′)),
+   κ the fixed point of κ ↦ ‖W(S1 + γ(κ)S2)‖₂ (iterated to 1e-13). Then ‖W‖₂ = α and
+   srank(W) = n²‖K′‖²/κ² = β·n²·m. The arg-max f′ of K′ is found among the frequencies where
+   σ₁(K̂′(f)) ≤ (1 − γ)‖Ŝ1(f)‖ + γσ₁(K̂(f))/σ can exceed κ, with ‖Ŝ1(f)‖ ≤ ‖S1‖²(|D(f − f*)| +
+   |D(f + f*)|)/2, D(h) = Σ_ab e^{-iθ_ab(h)} (exhaustive layers: σ₁(K̂(f)) exact, so the search is
+   exact; tracked layers: estimates). If β·m·κ² < ‖S1‖² the weight is the constant-direction
+   α·S1/κ. Since ‖G‖² ≤ kh·kw, ‖S1‖² ≥ 1/(kh·kw): β ≤ 1/(m·kh·kw) is degenerate (apply_norm warns).
+6. The gradient. f*, f′ are locally constant; σ, u, v come from an SVD of the block K̂(f*)
+   rebuilt from K with autograd (torch.linalg.svd differentiates σ₁ and the singular vectors;
+   G is invariant to their common phase), so S1, S2, ‖S1‖², ‖S2‖² are differentiated. κ is an
+   implicit function, κ = F(K, κ) with F(K, κ) = σ₁(K̂′_{K,κ}(f′)):
+       dκ = ∂_K F dK / (1 − ∂_κ F),   ∂_κ F = ⟨S2, G′⟩·γ′(κ),   γ′(κ) = β·m·κ/(γ·‖S2‖²)
+   (G′ the direction of K′ at f′, as in 2; γ′ = 0 where γ is clamped). The module evaluates
+   κ₁ = F(K, κ₀) with autograd at the converged κ₀ and uses κ = κ₀ + (κ₁ − stop(κ₁))/(1 − ∂_κF):
+   the value κ₀, the derivative of the fixed point. This holds in training and eval mode.
 
 The paper's steps 9–11 take S1 = G itself and γ = √(βm − 1)/n²/‖S2‖_F: the
 operator-norm reasoning (‖u vᵀ‖_F = 1) carried over to kernels, with n² in the
@@ -103,19 +97,17 @@ zero-pad: that operator is a compression of the conv on the infinite plane, whos
 norm is sup_ω σ₁(K̂(ω)) over ALL frequencies, at most a factor 1/cos(π(kh+kw−2)/(2n))
 above the n-grid maximum SRN-C sets (bound.py; 1.005 for 3×3 at n = 64).
 
-Evaluation. In eval mode the weight is computed once per kernel from the EXACT
-spectrum (all frequencies, batched SVD: ~0.5 s per 64-channel layer at n = 64 on a
-CPU), so it is a pure function of the kernel — exact however stale u is, and
-bit-identical after a state-dict round trip. `refresh` computes the same exact
-state (eval reuses it) and re-converges u.
+Life cycle. Training: on a kernel it has not seen, the arg-max (and κ) are found for THAT
+kernel before the weight is built, so the weight a step trains with is normalised on its own
+spectrum. Eval: the same map with the exhaustive arg-max, cached per kernel value (a pure
+function of the kernel: bit-identical after a state-dict round trip); with grad enabled and a
+kernel that requires grad it is built with autograd, otherwise the cached constant is returned.
+The buffer layout (u) is the one of earlier versions: their checkpoints load unchanged.
 
-Cost per optimisation step and layer: 2·power_iters real matrix products of
-(c_out·kh·kw × c_in) or (c_in·kh·kw × c_out) by a (· × F) matrix (half of the
-frequencies, real and imaginary parts: 64 channels, n = 64: ~5 ms each on one CPU
-thread), as many element-wise phase modulations, the singular values of TRACKED
-small blocks and one SVD (twice for β < 1, plus the κ iterations, usually one) —
-no convolution of a feature map. ~15 ms per 64-channel layer in all, against a
-~5 s training step of VResNet-feat (benchmarks/bench_norms.py).
+Cost per optimisation step and layer: exhaustive layers one FFT and F small SVDs; tracked
+layers 2·power_iters real matrix products of (c_out·kh·kw × c_in) or (c_in·kh·kw × c_out) by a
+(· × F) matrix, the singular values of the candidate blocks, and two SVDs for the weight —
+no convolution of a feature map (benchmarks/bench_norms.py).
 """
 
 import math
@@ -123,12 +115,13 @@ import math
 import torch
 
 from .sn import PowerIterationNorm, _same, check_beta, check_iters
-from .spectra import _blocks, check_kernel
+from .spectra import check_kernel
 
-INIT_ITERS = 20   # cold per-frequency power iterations of a fresh u
-TRACKED = 6       # frequencies per half whose block gets exact singular values each step
-KAPPA_ITERS = 8   # fixed-point iterations for κ (β < 1)
-KAPPA_TOL = 1e-6  # relative
+INIT_ITERS = 20          # cold per-frequency power iterations of a fresh u (tracked layers)
+TRACKED = 6              # frequencies per half whose block gets exact singular values each step
+EXHAUSTIVE = 1 << 21     # F·max(m, 8)³ up to which every step computes the whole spectrum
+KAPPA_ITERS = 100        # fixed-point iterations for κ (β < 1)
+KAPPA_TOL = 1e-13        # relative
 
 
 def _unit_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,13 +156,14 @@ class ConvStableRankNorm(PowerIterationNorm):
         self.n = n
         c_out, c_in, kh, kw = weight.shape
         self.freqs = n * (n // 2 + 1)
+        self.exhaustive = self.freqs * max(min(c_out, c_in), 8) ** 3 <= EXHAUSTIVE
         self.tracked = TRACKED
-        self._phase_cache: tuple | None = None
-        self._state: dict | None = None   # constants of `normalise` for the kernel `_seen`
-        self._exact: tuple | None = None  # (kernel copy, state) from the exact spectrum
-        self._kappa = 1.0                 # the last κ (β < 1), a warm start for the next
+        self._phase_cache: dict = {}
+        self._plan: tuple | None = None       # (kernel copy, plan) for the kernel the next weight uses
+        self._eval_plan: tuple | None = None  # (kernel copy, plan) from the exhaustive arg-max (eval, refresh)
+        self._kappa = 1.0                     # the last κ (β < 1), a warm start for the next
         self._estimates: torch.Tensor | None = None  # s_f per frequency (not saved: rebuilt by a sweep)
-        self._turn = 1                    # which half of the frequencies the next step updates
+        self._turn = 1                        # which half of the frequencies the next step updates
         self._halves: tuple | None = None
         generator = torch.Generator().manual_seed(0)  # deterministic; the global RNG is left alone
         start = torch.randn(c_out, self.freqs, 2, generator=generator, dtype=weight.dtype)
@@ -182,15 +176,15 @@ class ConvStableRankNorm(PowerIterationNorm):
         kh, kw = weight.shape[-2:]
         ctype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
         key = (kh, kw, weight.device, ctype)
-        if self._phase_cache is None or self._phase_cache[0] != key:
+        if key not in self._phase_cache:
             n, half = self.n, self.n // 2 + 1
             p = torch.arange(n, dtype=torch.float64).repeat_interleave(half)
             q = torch.arange(half, dtype=torch.float64).repeat(n)
             a = torch.arange(kh, dtype=torch.float64).repeat_interleave(kw)
             b = torch.arange(kw, dtype=torch.float64).repeat(kh)
             theta = 2 * math.pi * (a[:, None] * p[None] + b[:, None] * q[None]) / n
-            self._phase_cache = (key, torch.polar(torch.ones_like(theta), -theta).to(ctype).to(weight.device))
-        return self._phase_cache[1]
+            self._phase_cache[key] = torch.polar(torch.ones_like(theta), -theta).to(ctype).to(weight.device)
+        return self._phase_cache[key]
 
     def blocks(self, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """K̂(f) for the frequencies `index` (flat rfft2 indices), a T × c_out × c_in batch (direct DFT)."""
@@ -198,6 +192,18 @@ class ConvStableRankNorm(PowerIterationNorm):
         phase = self.phases(weight)[:, index]                                   # A × T
         out = weight.reshape(c_out * c_in, -1) @ _real(phase)                   # (c_out·c_in) × 2T
         return torch.view_as_complex(out.view(c_out, c_in, -1, 2)).permute(2, 0, 1).contiguous()
+
+    def response(self, weight: torch.Tensor, index: int) -> torch.Tensor:
+        """K̂(f) at one frequency, complex128, differentiable in `weight` (c_out × c_in)."""
+        phase = self.phases(weight.detach().double())[:, index]                 # complex128
+        kernel = weight.to(torch.complex128) if weight.dtype != torch.complex128 else weight
+        return (kernel.reshape(kernel.shape[0], kernel.shape[1], -1) * phase).sum(-1)
+
+    def spectrum(self, weight: torch.Tensor) -> torch.Tensor:
+        """σ₁ of all F blocks (float64, exact): the spectrum the exhaustive arg-max reads."""
+        w = weight.detach().double()
+        blocks = torch.fft.rfft2(w, s=(self.n, self.n)).permute(2, 3, 0, 1).reshape(self.freqs, *w.shape[:2])
+        return _top_values(blocks)
 
     def power_iteration(self, weight: torch.Tensor, iters: int, part: torch.Tensor | None = None) -> None:
         """`iters` batched per-frequency power-iteration steps on u (on the frequencies `part`, default
@@ -225,23 +231,16 @@ class ConvStableRankNorm(PowerIterationNorm):
             self._estimates[part] = values
 
     def direction(self, weight: torch.Tensor, index: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """G[o,c,a,b] = Re(conj(u_o)·v_c·e^{-iθ_ab(f)}): ⟨K, G⟩ = Re uᴴK̂(f)v, a constant kernel."""
-        phase = self.phases(weight)[:, index]
+        """G[o,c,a,b] = Re(conj(u_o)·v_c·e^{-iθ_ab(f)}): ⟨K, G⟩ = Re uᴴK̂(f)v (differentiable in u, v)."""
+        phase = self.phases(weight.detach().double())[:, index]
         outer = u.conj()[:, None, None] * v[None, :, None] * phase[None, None, :]
         return outer.real.reshape(weight.shape).to(weight.dtype)
 
     @staticmethod
-    def top_pair(blocks: torch.Tensor, values: torch.Tensor | None = None
-                 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(position of the block with the largest σ₁, its top left and right singular vectors, σ₁).
-
-        Largest singular values of all blocks (unless given), then one full SVD: K̂ v = σ₁ u."""
-        best = int((_top_values(blocks) if values is None else values).argmax())
-        if blocks.shape[-2] >= blocks.shape[-1]:
-            left, values, right_h = torch.linalg.svd(blocks[best], full_matrices=False)
-            return best, left[:, 0], right_h[0].conj(), values[0]
-        left, values, right_h = torch.linalg.svd(blocks[best].mH, full_matrices=False)  # K̂ᴴ = L S Rᴴ
-        return best, right_h[0].conj(), left[:, 0], values[0]
+    def top_pair(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(σ₁, u, v) of one block, K̂ v = σ₁ u (differentiable)."""
+        left, values, right_h = torch.linalg.svd(block, full_matrices=False)
+        return values[0], left[:, 0], right_h[0].conj()
 
     def window(self, flat: int, device: torch.device) -> torch.Tensor:
         """Flat indices of f = (p, q) and its 8 grid neighbours, mapped into the rfft2 half (f ~ −f)."""
@@ -264,88 +263,6 @@ class ConvStableRankNorm(PowerIterationNorm):
         gram = (delta.T @ delta).to(phase.dtype)
         return (phase * (gram @ phase.conj())).sum(0).real.clamp_min(0.0).sqrt()
 
-    # ------------------------------------------------------------------ state
-    def state(self, weight: torch.Tensor, estimates: torch.Tensor, drift: torch.Tensor | None = None) -> dict:
-        """The constants of `normalise` for kernel `weight`, given per-frequency σ estimates (F,).
-
-        The candidates are the TRACKED largest estimates of each half of the frequencies: one half
-        was updated this step, the other one step earlier, and only estimates of the same age are
-        compared (a stale estimate may be above the current value). `drift` (training: the change of
-        each block since the last step) adds the frequencies whose estimate plus drift exceeds the
-        largest exact σ₁ found: a block can grow faster than its power-iteration vector follows
-        (Adam moves all taps alike, which lifts the low frequencies coherently)."""
-        even, odd = self.halves(weight.device)
-        index = torch.cat([part[estimates[part].topk(min(self.tracked, len(part))).indices] for part in (even, odd)])
-        blocks = self.blocks(weight, index)
-        values = _top_values(blocks)
-        if drift is not None:  # σ₁ moves by at most ‖ΔK̂(f)‖: examine the frequencies that could now lead
-            priority = estimates + drift
-            priority[index] = -math.inf
-            extra = priority.topk(min(self.tracked, self.freqs)).indices
-            extra = extra[priority[extra] > values.max()]
-            if len(extra):
-                extra_blocks = self.blocks(weight, extra)
-                index, blocks = torch.cat([index, extra]), torch.cat([blocks, extra_blocks])
-                values = torch.cat([values, _top_values(extra_blocks)])
-        best, u, v, sigma = self.top_pair(blocks, values)
-        g = self.direction(weight, int(index[best]), u, v)
-        state = {"g": g, "best": index[best], "left": u, "target": None, "g2": None}
-        if self.beta < 1:
-            estimates = estimates.clone()
-            estimates[index] = values.to(estimates.dtype)  # exact where known (for the κ candidates)
-            g_sq = g.pow(2).sum()
-            s1 = g / g_sq
-            kernel = weight / sigma.to(weight.dtype)
-            s2 = kernel - s1
-            s1_sq, s2_sq = 1.0 / g_sq, s2.pow(2).sum().clamp_min(1e-30)
-            bm = self.beta * min(weight.shape[0], weight.shape[1])
-            if bm < kernel.pow(2).sum():  # the constraint binds
-                state.update(self.shrink(weight, estimates / sigma, int(index[best]), s1, s1_sq, s2_sq, bm, sigma))
-        return state
-
-    def shrink(self, weight, k_values, star: int, s1, s1_sq, s2_sq, bm, sigma) -> dict:
-        """κ = ‖W(S1 + γ(κ)S2)‖₂ by fixed-point iteration, on the frequencies where K′ can be largest.
-
-        ‖K̂′(f)‖ ≤ (1 − γ)‖Ŝ1(f)‖ + γ‖K̃̂(f)‖, and Ŝ1(f) = (D(f − f*)·u*v*ᴴ + D(f + f*)·conj(u*)v*ᵀ)/(2‖G‖²)
-        with D(h) = Σ_ab e^{-iθ_ab(h)}, so ‖Ŝ1(f)‖ ≤ (|D(f − f*)| + |D(f + f*)|)/(2‖G‖²) =: c(f). The
-        candidates: f* (flat index `star`) and its grid neighbours, where S1 lives and where K′ peaks
-        when f* is close to a self-conjugate frequency, and the TRACKED + 1 largest of the bound
-        (1 − γ)c(f) + γ·k_values(f) (k_values ≈ σ₁(K̃̂(f)), so the largest σ₁(K̃̂) are among them).
-        """
-        phase = self.phases(weight)
-        at_star = phase[:, star]
-        c = ((phase * at_star.conj()[:, None]).sum(0).abs() + (phase * at_star[:, None]).sum(0).abs()) * s1_sq / 2
-        kappa = self._kappa
-        gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
-        score = (1 - gamma) * c + gamma * k_values
-        chosen = torch.cat([self.window(star, weight.device),
-                            score.topk(min(self.tracked + 1, self.freqs)).indices]).unique()
-        s1_hat, k_hat = self.blocks(s1, chosen), self.blocks(weight, chosen) / sigma
-        for _ in range(KAPPA_ITERS):
-            gamma = ((bm * kappa**2 - s1_sq).clamp_min(0.0) / s2_sq).sqrt().clamp(max=1.0)
-            shrunk = (1 - gamma) * s1_hat + gamma * k_hat
-            tops = _top_values(shrunk)
-            new, kappa = kappa, float(tops.max())
-            if abs(kappa - new) <= KAPPA_TOL * kappa:
-                break
-        self._kappa = kappa
-        best, u, v, _ = self.top_pair(shrunk, tops)
-        return {"target": float(((bm * kappa**2 - s1_sq).clamp_min(0.0)).sqrt()),
-                "g2": self.direction(weight, int(chosen[best]), u, v)}
-
-    def advance(self, weight: torch.Tensor) -> None:
-        """An optimisation step's tracking of a new kernel: `power_iters` batched steps on half of the
-        frequencies (p + q even and odd in turn; all of them after a refresh or a state-dict load),
-        then exact singular values of the candidate frequencies (see `state`)."""
-        previous = self._seen
-        if self._estimates is None or self._estimates.device != weight.device:
-            self.power_iteration(weight, INIT_ITERS)
-        else:
-            self._turn ^= 1
-            self.power_iteration(weight, self.power_iters, self.halves(weight.device)[self._turn])
-        fresh = previous is not None and _same_layout(previous, weight)
-        self._settle(weight, drift=self.drift(weight, previous) if fresh else None)
-
     def halves(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat frequency indices with p + q even, and with p + q odd."""
         if self._halves is None or self._halves[0].device != device:
@@ -355,70 +272,236 @@ class ConvStableRankNorm(PowerIterationNorm):
             self._halves = (index[parity == 0], index[parity == 1])
         return self._halves
 
-    def _settle(self, weight: torch.Tensor, drift: torch.Tensor | None = None) -> None:
-        self._set_state(self.state(weight, self._estimates, drift))
+    # ------------------------------------------------------------------ the arg-max frequencies
+    def candidates(self, weight: torch.Tensor, estimates: torch.Tensor, drift: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tracked layers: (frequencies, their exact σ₁) — the TRACKED largest estimates of each half (only
+        estimates of the same age are compared), plus, in training, the frequencies whose estimate plus the
+        step's change ‖ΔK̂(f)‖_F exceeds the largest σ₁ found (σ₁ moves by at most ‖ΔK̂(f)‖)."""
+        even, odd = self.halves(weight.device)
+        index = torch.cat([part[estimates[part].topk(min(self.tracked, len(part))).indices] for part in (even, odd)])
+        values = _top_values(self.blocks(weight, index))
+        if drift is not None:
+            priority = estimates + drift
+            priority[index] = -math.inf
+            extra = priority.topk(min(self.tracked, self.freqs)).indices
+            extra = extra[priority[extra] > values.max()]
+            if len(extra):
+                index, values = torch.cat([index, extra]), torch.cat([values, _top_values(self.blocks(weight, extra))])
+        return index, values
 
-    def _set_state(self, state: dict) -> None:
-        self._state = state
+    def plan(self, weight: torch.Tensor, exact: bool, drift: torch.Tensor | None = None) -> dict:
+        """The discrete part of the map for kernel `weight`: f* (and, if the constraint binds, f′ and κ₀).
+
+        exact: the whole spectrum (exhaustive arg-max); otherwise the tracked candidates (u must be current)."""
+        w = weight.detach()
+        w64 = w.double()
+        if exact:
+            values = self.spectrum(w)
+            index = torch.arange(self.freqs, device=w.device)
+        else:
+            index, values = self.candidates(w, self._estimates, drift)
+            values = values.double()
+        best = int(index[values.argmax()])
+        plan = {"best": best, "kappa": None, "best2": None}
+        if self.beta >= 1:
+            return plan
+        sigma, u, v = self.top_pair(self.response(w64, best))
+        kernel = w64 / sigma
+        m = min(w.shape[0], w.shape[1])
+        if self.beta * m >= kernel.pow(2).sum():
+            return plan                      # the constraint does not bind
+        g = self.direction(w64, best, u, v)
+        s1_sq = 1.0 / g.pow(2).sum()
+        s1 = g * s1_sq
+        s2 = kernel - s1
+        s2_sq = s2.pow(2).sum().clamp_min(1e-300)
+        bm = self.beta * m
+        phase = self.phases(w64)
+        at_star = phase[:, best]
+        window = ((phase * at_star.conj()[:, None]).sum(0).abs() + (phase * at_star[:, None]).sum(0).abs()) * s1_sq / 2
+        if exact:
+            k_values = values / sigma                                          # σ₁(K̃̂(f)), all f
+        else:
+            k_values = self._estimates.double() / sigma
+            k_values[index] = values / sigma
+        chosen = None if exact else torch.cat([self.window(best, w.device), index]).unique()
+        s1_blocks, k_blocks = {}, {}
+
+        def top_of(kappa: float) -> tuple[float, int]:
+            """max_f σ₁(K̂′(f)) for γ(κ): exact over the frequencies whose bound can reach the best value."""
+            gamma = min(1.0, math.sqrt(max(0.0, bm * kappa**2 - float(s1_sq)) / float(s2_sq)))
+            bound = (1 - gamma) * window + gamma * k_values
+            order = (bound.argsort(descending=True) if chosen is None
+                     else chosen[bound[chosen].argsort(descending=True)])
+            top, arg, start = -math.inf, best, 0
+            while start < len(order) and float(bound[order[start]]) > top * (1 - 1e-12):
+                part = order[start:start + 8]
+                missing = [int(f) for f in part if int(f) not in k_blocks]
+                if missing:
+                    at = torch.tensor(missing, device=w.device)
+                    s1_blocks.update(zip(missing, self.blocks(s1, at)))
+                    k_blocks.update(zip(missing, self.blocks(w64, at) / sigma))
+                shrunk = torch.stack([(1 - gamma) * s1_blocks[int(f)] + gamma * k_blocks[int(f)] for f in part])
+                tops = _top_values(shrunk)
+                if float(tops.max()) > top:
+                    top, arg = float(tops.max()), int(part[tops.argmax()])
+                start += len(part)
+            return top, arg
+
+        kappa, arg, last = self._kappa, best, None
+        for _ in range(KAPPA_ITERS):     # κ = F(κ): fixed-point steps, secant steps once two residuals exist
+            new, arg = top_of(kappa)
+            residual = new - kappa
+            if abs(residual) <= KAPPA_TOL * new:
+                kappa = new
+                break
+            step = new
+            if last is not None and last[1] != residual:
+                secant = kappa - residual * (kappa - last[0]) / (residual - last[1])
+                if secant > 0 and abs(secant - kappa) <= 4 * abs(residual):
+                    step = secant
+            last = (kappa, residual)
+            kappa = step
+        self._kappa = kappa
+        plan.update(kappa=kappa, best2=arg)
+        return plan
+
+    # ------------------------------------------------------------------ the weight
+    def normalise(self, weight: torch.Tensor, plan: dict | None = None) -> torch.Tensor:
+        """α·K/σ, or α·K′/κ when the constraint binds (module docstring), differentiable in `weight`."""
+        plan = self._plan[1] if plan is None else plan
+        sigma, u, v = self.top_pair(self.response(weight, plan["best"]))
+        kernel = weight / sigma.to(weight.dtype)
+        if plan["kappa"] is None:
+            return self.alpha * kernel
+        m = min(weight.shape[0], weight.shape[1])
+        bm = self.beta * m
+        g = self.direction(weight, plan["best"], u, v)
+        s1_sq = 1 / g.pow(2).sum()
+        s1 = g * s1_sq
+        s2 = kernel - s1
+        s2_sq = s2.pow(2).sum().clamp_min(1e-300)
+
+        def gamma_of(kappa):  # γ(κ) (5.), with a zero derivative where it is clamped to 0 or 1
+            square = (bm * kappa**2 - s1_sq) / s2_sq
+            inside = (square > 0) & (square < 1)
+            return torch.where(inside, square.where(inside, torch.ones_like(square)).sqrt(),
+                               (square >= 1).to(square.dtype))
+
+        kappa0 = plan["kappa"]
+        shrunk = s1 + gamma_of(torch.tensor(kappa0, dtype=weight.dtype, device=weight.device)) * s2
+        kappa1, u2, v2 = self.top_pair(self.response(shrunk, plan["best2"]))
+        with torch.no_grad():                 # ∂κ₁/∂κ₀ = ⟨S2, G′⟩·γ′(κ₀)
+            gamma0 = float(gamma_of(torch.tensor(kappa0, dtype=weight.dtype)))
+            slope = 0.0
+            if 0 < gamma0 < 1:
+                g2 = self.direction(weight, plan["best2"], u2, v2)
+                slope = float((s2 * g2).sum()) * bm * kappa0 / (gamma0 * float(s2_sq))
+        kappa = kappa0 + (kappa1 - kappa1.detach()) / (1 - slope)
+        shrunk = s1 + gamma_of(kappa.to(weight.dtype)) * s2
+        return self.alpha * shrunk / kappa.to(weight.dtype)
+
+    # ------------------------------------------------------------------ life cycle
+    def advance(self, weight: torch.Tensor) -> None:
+        """An optimisation step's plan for a new kernel: the whole spectrum (exhaustive layers) or
+        `power_iters` batched steps on half of the frequencies and exact values of the candidates."""
+        previous = self._seen
+        if self.exhaustive:
+            self._plan = (weight.clone(), self.plan(weight, exact=True))
+            return
+        if self._estimates is None or self._estimates.device != weight.device:
+            self.power_iteration(weight, INIT_ITERS)
+        else:
+            self._turn ^= 1
+            self.power_iteration(weight, self.power_iters, self.halves(weight.device)[self._turn])
+        fresh = previous is not None and _same_layout(previous, weight)
+        plan = self.plan(weight, exact=False, drift=self.drift(weight, previous) if fresh else None)
+        self._plan = (weight.clone(), plan)
         u = torch.view_as_complex(self.u)
-        u[:, self._state["best"]] = self._state["left"].to(u.dtype)  # the exact vector as a warm start
+        _, left, _ = self.top_pair(self.blocks(weight, torch.tensor([plan["best"]], device=weight.device))[0])
+        u[:, plan["best"]] = left.to(u.dtype)            # the exact vector as a warm start
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "u"
+        if key in state_dict and state_dict[key].shape != self.u.shape:
+            error_msgs.append(f"{key}: SRN-C state of shape {tuple(state_dict[key].shape)} does not fit this layer "
+                              f"({tuple(self.u.shape)}: c_out × n·(n//2+1) × 2 with n = {self.n}); the checkpoint "
+                              "was saved with another n or another kernel")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self._estimates = None  # a loaded u: the next training step runs a full sweep first
+        self._plan = self._eval_plan = None
 
-    def exact_state(self, weight: torch.Tensor) -> dict:
-        """The state from the exact spectrum (all frequencies), cached per kernel value."""
-        if self._exact is None or not _same(self._exact[0], weight):
+    def exact_plan(self, weight: torch.Tensor) -> dict:
+        """The plan from the whole spectrum, cached per kernel value (eval mode, refresh)."""
+        if self._eval_plan is None or not _same(self._eval_plan[0], weight):
             w = weight.detach()
-            self._exact = (w.clone(), self.state(w, _top_values(_blocks(w, self.n).flatten(0, 1))))
-        return self._exact[1]
+            self._eval_plan = (w.clone(), self.plan(w, exact=True))
+        return self._eval_plan[1]
 
     def exact_vectors(self, weight: torch.Tensor) -> None:
-        self.power_iteration(weight, INIT_ITERS)
-        self._set_state(self.exact_state(weight))
+        plan = self.exact_plan(weight)
+        self._plan = (weight.detach().clone(), plan)
+        if not self.exhaustive:
+            self.power_iteration(weight, INIT_ITERS)
+            u = torch.view_as_complex(self.u)
+            _, left, _ = self.top_pair(self.blocks(weight, torch.tensor([plan["best"]], device=weight.device))[0])
+            u[:, plan["best"]] = left.to(u.dtype)
 
     def refresh(self, weight: torch.Tensor, iters: int = 50, exact: bool = True) -> None:
-        """exact: INIT_ITERS batched iterations on u, then the exact state (cached for eval);
-        otherwise `iters` batched iterations and exact SVDs of the tracked frequencies."""
+        """exact: the plan from the whole spectrum (cached for eval; tracked layers also re-converge u);
+        otherwise `iters` batched power iterations and exact values of the candidates."""
         with torch.inference_mode(False), torch.no_grad():
             w = weight.detach()
-            if exact:
+            if exact or self.exhaustive:
                 self.exact_vectors(w)
             else:
                 self.power_iteration(w, check_iters(iters, "iters"))
-                self._settle(w)
+                self._plan = (w.clone(), self.plan(w, exact=False))
             self._seen = w.clone()
         self._frozen = None
 
-    # ------------------------------------------------------------------ the weight
-    def normalise(self, weight: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        state = self._state if state is None else state
-        g = state["g"]
-        sigma = (weight * g).sum().clamp_min(1e-12)
-        kernel = weight / sigma
-        if state["target"] is not None:
-            g_sq = g.pow(2).sum()
-            s1 = g / g_sq
-            s2 = kernel - s1
-            gamma = (state["target"] * s2.pow(2).sum().clamp_min(1e-24).rsqrt()).clamp(max=1.0)
-            kernel = s1 + gamma * s2
-            kernel = kernel / (kernel * state["g2"]).sum().clamp_min(1e-12)  # κ = ‖W(K′)‖₂
-        return self.alpha * kernel
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.training and torch.is_grad_enabled() and weight.requires_grad:
+            with torch.autocast(weight.device.type, enabled=False):
+                return _EvalWeight.apply(weight, self.frozen(weight), self)
+        return super().forward(weight)
 
     def frozen(self, weight: torch.Tensor) -> torch.Tensor:
-        """Eval: the weight from the exact spectrum of the current kernel, a cached constant."""
+        """Eval: the weight from the exhaustive arg-max of the current kernel, a cached constant."""
         cache = self._frozen
         if cache is None or not _same(cache[0], weight):
             with torch.inference_mode(False), torch.no_grad():
                 w = weight.detach()
-                cache = (w.clone(), None, self.normalise(w, self.exact_state(w)))
+                cache = (w.clone(), None, self.normalise(w, self.exact_plan(w)))
             self._frozen = cache
         return cache[2]
 
     def beta_floor(self, weight: torch.Tensor) -> float:
-        """A β at or below which γ = 0 whatever u: ‖S1‖²/m = 1/(m‖G‖²) >= 1/(m·kh·kw)."""
+        """A β at or below which γ = 0 whatever the kernel: ‖S1‖²/m = 1/(m‖G‖²) >= 1/(m·kh·kw)."""
         return 1.0 / (min(weight.shape[0], weight.shape[1]) * weight.shape[2] * weight.shape[3])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}, n={self.n}"
+
+
+class _EvalWeight(torch.autograd.Function):
+    """Eval mode with gradient: the cached exact weight forward; the exact map's vector-Jacobian product
+    backward (built only if a gradient reaches the kernel: input gradients, e.g. the TRF's, skip it)."""
+
+    @staticmethod
+    def forward(ctx, weight, value, norm):
+        ctx.save_for_backward(weight)
+        ctx.norm = norm
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (weight,) = ctx.saved_tensors
+        with torch.enable_grad():
+            w = weight.detach().requires_grad_(True)
+            out = ctx.norm.normalise(w, ctx.norm.exact_plan(w.detach()))
+            (grad,) = torch.autograd.grad(out, w, grad_output)
+        return grad, None, None
