@@ -121,7 +121,7 @@ INIT_ITERS = 20          # cold per-frequency power iterations of a fresh u (tra
 TRACKED = 6              # frequencies per half whose block gets exact singular values each step
 EXHAUSTIVE = 1 << 21     # F·max(m, 8)³ up to which every step computes the whole spectrum
 KAPPA_ITERS = 100        # fixed-point iterations for κ (β < 1)
-KAPPA_TOL = 1e-13        # relative
+KAPPA_TOL = {torch.float64: 1e-13, torch.float32: 1e-6}  # relative
 
 
 def _unit_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,10 +194,9 @@ class ConvStableRankNorm(PowerIterationNorm):
         return torch.view_as_complex(out.view(c_out, c_in, -1, 2)).permute(2, 0, 1).contiguous()
 
     def response(self, weight: torch.Tensor, index: int) -> torch.Tensor:
-        """K̂(f) at one frequency, complex128, differentiable in `weight` (c_out × c_in)."""
-        phase = self.phases(weight.detach().double())[:, index]                 # complex128
-        kernel = weight.to(torch.complex128) if weight.dtype != torch.complex128 else weight
-        return (kernel.reshape(kernel.shape[0], kernel.shape[1], -1) * phase).sum(-1)
+        """K̂(f) at one frequency (complex, the weight's precision), differentiable in `weight` (c_out × c_in)."""
+        phase = self.phases(weight.detach())[:, index]
+        return (weight.reshape(weight.shape[0], weight.shape[1], -1) * phase).sum(-1)
 
     def spectrum(self, weight: torch.Tensor) -> torch.Tensor:
         """σ₁ of all F blocks (float64, exact): the spectrum the exhaustive arg-max reads."""
@@ -232,7 +231,7 @@ class ConvStableRankNorm(PowerIterationNorm):
 
     def direction(self, weight: torch.Tensor, index: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """G[o,c,a,b] = Re(conj(u_o)·v_c·e^{-iθ_ab(f)}): ⟨K, G⟩ = Re uᴴK̂(f)v (differentiable in u, v)."""
-        phase = self.phases(weight.detach().double())[:, index]
+        phase = self.phases(weight.detach())[:, index]
         outer = u.conj()[:, None, None] * v[None, :, None] * phase[None, None, :]
         return outer.real.reshape(weight.shape).to(weight.dtype)
 
@@ -295,35 +294,32 @@ class ConvStableRankNorm(PowerIterationNorm):
 
         exact: the whole spectrum (exhaustive arg-max); otherwise the tracked candidates (u must be current)."""
         w = weight.detach()
-        w64 = w.double()
         if exact:
-            values = self.spectrum(w)
-            index = torch.arange(self.freqs, device=w.device)
+            exact_values = self.spectrum(w)                                    # float64
+            best = int(exact_values.argmax())
+            values, index = exact_values.to(w.dtype), torch.arange(self.freqs, device=w.device)
         else:
             index, values = self.candidates(w, self._estimates, drift)
-            values = values.double()
-        best = int(index[values.argmax()])
-        plan = {"best": best, "kappa": None, "best2": None}
-        if self.beta >= 1:
-            return plan
-        sigma, u, v = self.top_pair(self.response(w64, best))
-        kernel = w64 / sigma
+            best = int(index[values.argmax()])
+        sigma, u, v = self.top_pair(self.response(w, best))
+        plan = {"best": best, "pair": (u, v), "kappa": None, "best2": None, "pair2": None}
+        kernel = w / sigma
         m = min(w.shape[0], w.shape[1])
-        if self.beta * m >= kernel.pow(2).sum():
-            return plan                      # the constraint does not bind
-        g = self.direction(w64, best, u, v)
+        if self.beta >= 1 or self.beta * m >= kernel.pow(2).sum():
+            return plan                      # β = 1, or the constraint does not bind
+        g = self.direction(w, best, u, v)
         s1_sq = 1.0 / g.pow(2).sum()
         s1 = g * s1_sq
         s2 = kernel - s1
-        s2_sq = s2.pow(2).sum().clamp_min(1e-300)
+        s2_sq = s2.pow(2).sum().clamp_min(1e-30)
         bm = self.beta * m
-        phase = self.phases(w64)
+        phase = self.phases(w)
         at_star = phase[:, best]
         window = ((phase * at_star.conj()[:, None]).sum(0).abs() + (phase * at_star[:, None]).sum(0).abs()) * s1_sq / 2
         if exact:
             k_values = values / sigma                                          # σ₁(K̃̂(f)), all f
         else:
-            k_values = self._estimates.double() / sigma
+            k_values = self._estimates / sigma
             k_values[index] = values / sigma
         chosen = None if exact else torch.cat([self.window(best, w.device), index]).unique()
         s1_blocks, k_blocks = {}, {}
@@ -335,13 +331,13 @@ class ConvStableRankNorm(PowerIterationNorm):
             order = (bound.argsort(descending=True) if chosen is None
                      else chosen[bound[chosen].argsort(descending=True)])
             top, arg, start = -math.inf, best, 0
-            while start < len(order) and float(bound[order[start]]) > top * (1 - 1e-12):
+            while start < len(order) and float(bound[order[start]]) > top * (1 - 1e-6):
                 part = order[start:start + 8]
                 missing = [int(f) for f in part if int(f) not in k_blocks]
                 if missing:
                     at = torch.tensor(missing, device=w.device)
                     s1_blocks.update(zip(missing, self.blocks(s1, at)))
-                    k_blocks.update(zip(missing, self.blocks(w64, at) / sigma))
+                    k_blocks.update(zip(missing, self.blocks(w, at) / sigma))
                 shrunk = torch.stack([(1 - gamma) * s1_blocks[int(f)] + gamma * k_blocks[int(f)] for f in part])
                 tops = _top_values(shrunk)
                 if float(tops.max()) > top:
@@ -353,7 +349,7 @@ class ConvStableRankNorm(PowerIterationNorm):
         for _ in range(KAPPA_ITERS):     # κ = F(κ): fixed-point steps, secant steps once two residuals exist
             new, arg = top_of(kappa)
             residual = new - kappa
-            if abs(residual) <= KAPPA_TOL * new:
+            if abs(residual) <= KAPPA_TOL.get(w.dtype, 1e-6) * new:
                 kappa = new
                 break
             step = new
@@ -364,24 +360,28 @@ class ConvStableRankNorm(PowerIterationNorm):
             last = (kappa, residual)
             kappa = step
         self._kappa = kappa
-        plan.update(kappa=kappa, best2=arg)
+        gamma = min(1.0, math.sqrt(max(0.0, bm * kappa**2 - float(s1_sq)) / float(s2_sq)))
+        _, u2, v2 = self.top_pair(self.response(s1 + gamma * s2, arg))
+        plan.update(kappa=kappa, best2=arg, pair2=(u2, v2))
         return plan
 
     # ------------------------------------------------------------------ the weight
     def normalise(self, weight: torch.Tensor, plan: dict | None = None) -> torch.Tensor:
         """α·K/σ, or α·K′/κ when the constraint binds (module docstring), differentiable in `weight`."""
         plan = self._plan[1] if plan is None else plan
-        sigma, u, v = self.top_pair(self.response(weight, plan["best"]))
-        kernel = weight / sigma.to(weight.dtype)
-        if plan["kappa"] is None:
-            return self.alpha * kernel
+        if plan["kappa"] is None:        # σ = ⟨K, G⟩ with the exact top pair: its gradient is G (envelope)
+            u, v = plan["pair"]
+            sigma = (weight * self.direction(weight, plan["best"], u, v)).sum()
+            return self.alpha * weight / sigma
+        sigma, u, v = self.top_pair(self.response(weight, plan["best"]))   # G depends on K through (u, v)
+        kernel = weight / sigma
         m = min(weight.shape[0], weight.shape[1])
         bm = self.beta * m
         g = self.direction(weight, plan["best"], u, v)
         s1_sq = 1 / g.pow(2).sum()
         s1 = g * s1_sq
         s2 = kernel - s1
-        s2_sq = s2.pow(2).sum().clamp_min(1e-300)
+        s2_sq = s2.pow(2).sum().clamp_min(1e-30)
 
         def gamma_of(kappa):  # γ(κ) (5.), with a zero derivative where it is clamped to 0 or 1
             square = (bm * kappa**2 - s1_sq) / s2_sq
@@ -390,17 +390,18 @@ class ConvStableRankNorm(PowerIterationNorm):
                                (square >= 1).to(square.dtype))
 
         kappa0 = plan["kappa"]
+        u2, v2 = plan["pair2"]
+        g2 = self.direction(weight, plan["best2"], u2, v2)          # the top pair of K′ at f′ (envelope for κ₁)
         shrunk = s1 + gamma_of(torch.tensor(kappa0, dtype=weight.dtype, device=weight.device)) * s2
-        kappa1, u2, v2 = self.top_pair(self.response(shrunk, plan["best2"]))
+        kappa1 = (shrunk * g2).sum()                                 # = σ₁(K̂′(f′)) = κ₀
         with torch.no_grad():                 # ∂κ₁/∂κ₀ = ⟨S2, G′⟩·γ′(κ₀)
-            gamma0 = float(gamma_of(torch.tensor(kappa0, dtype=weight.dtype)))
+            gamma0 = float(gamma_of(torch.tensor(kappa0, dtype=weight.dtype, device=weight.device)))
             slope = 0.0
             if 0 < gamma0 < 1:
-                g2 = self.direction(weight, plan["best2"], u2, v2)
                 slope = float((s2 * g2).sum()) * bm * kappa0 / (gamma0 * float(s2_sq))
         kappa = kappa0 + (kappa1 - kappa1.detach()) / (1 - slope)
-        shrunk = s1 + gamma_of(kappa.to(weight.dtype)) * s2
-        return self.alpha * shrunk / kappa.to(weight.dtype)
+        shrunk = s1 + gamma_of(kappa) * s2
+        return self.alpha * shrunk / kappa
 
     # ------------------------------------------------------------------ life cycle
     def advance(self, weight: torch.Tensor) -> None:
@@ -419,8 +420,7 @@ class ConvStableRankNorm(PowerIterationNorm):
         plan = self.plan(weight, exact=False, drift=self.drift(weight, previous) if fresh else None)
         self._plan = (weight.clone(), plan)
         u = torch.view_as_complex(self.u)
-        _, left, _ = self.top_pair(self.blocks(weight, torch.tensor([plan["best"]], device=weight.device))[0])
-        u[:, plan["best"]] = left.to(u.dtype)            # the exact vector as a warm start
+        u[:, plan["best"]] = plan["pair"][0].to(u.dtype)            # the exact vector as a warm start
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -447,8 +447,7 @@ class ConvStableRankNorm(PowerIterationNorm):
         if not self.exhaustive:
             self.power_iteration(weight, INIT_ITERS)
             u = torch.view_as_complex(self.u)
-            _, left, _ = self.top_pair(self.blocks(weight, torch.tensor([plan["best"]], device=weight.device))[0])
-            u[:, plan["best"]] = left.to(u.dtype)
+            u[:, plan["best"]] = plan["pair"][0].to(u.dtype)
 
     def refresh(self, weight: torch.Tensor, iters: int = 50, exact: bool = True) -> None:
         """exact: the plan from the whole spectrum (cached for eval; tracked layers also re-converge u);
