@@ -308,6 +308,8 @@ class Certificate:
 def certified_peak(weight: torch.Tensor, n: int | None = None, rtol: float = RTOL) -> Certificate:
     """Run the certified search of the module docstring (section 2) on `weight`; no gradient."""
     degree = _check(weight, n, rtol)
+    if not weight.detach().abs().max() > 0:
+        return Certificate(0.0, 0.0, (0.0, 0.0), 0, 0, ())
     gram = GramTaps(weight)
     d1, d2 = gram.degrees
     if degree == 0:  # 1×1: K̂ is constant
@@ -481,11 +483,11 @@ def conv_norm_bound_tensor(weight: torch.Tensor, n: int | None = None, rtol: flo
     that of the bound wherever the peak is unique (envelope theorem, module docstring section 4).
     """
     cert = certified_peak(weight, n, rtol)
-    sigma = torch.linalg.svdvals(response(weight, cert.omega))[0]
+    sigma = torch.linalg.svd(response(weight, cert.omega), full_matrices=False)[1][0]  # one routine, grad or not
     scale = 1.0 if sum(weight.shape[-2:]) == 2 else 1 + rtol
     value = sigma * (scale * (1 + ROUNDING))
-    if float(value) < cert.bound:   # rounding of the two computations of σ₁ (~1e-15): never below the proof
-        value = value * (cert.bound / float(value))
+    if float(value.detach()) < cert.bound:   # rounding of the two computations of σ₁: never below the proof
+        value = value * (cert.bound / float(value.detach()))
     return value
 
 
