@@ -8,14 +8,17 @@ plain PyTorch loop), after a checkpoint reload. Everything else — the head's v
 frames, the main path of every block, the tail — stays free, so the feed-forward denoiser is the
 unconstrained one.
 
-Notation. B(K) is the per-conv bound :func:`recstab.norms.conv_norm_bound` (a float ≥ the operator
-norm of the conv with kernel K on every input size, zero or circular padding), and B̃ a differentiable
-version of it with B̃(K) ≥ B(K) (below). B is positively homogeneous, B(cK) = c·B(K) for c > 0. For a
-kernel slice V and a target τ, the **normalised slice** is ``V · τ / (B̃(V)·P)``; its bound is then
-``B(V)·τ/(B̃(V)·P) ≤ τ/P``. Each normalised slice carries a learnable logit θ and a target
-``τ = budget · sigmoid(θ)`` < budget; ``budget = (1 − MARGIN) ×`` what ρ allows (MARGIN = 1e-4 absorbs
-the float32 rounding of the scaled weight, ~1e-6 relative). ``P`` is the product of the bounds of the
-other factors of the same loop product, recomputed from the current weights (and differentiated).
+Notation. B(K) is the per-conv bound :func:`recstab.norms.conv_norm_bound`: S(K) ≤ B(K) ≤ (1 + r)·S(K),
+S(K) = sup_ω ‖K̂(ω)‖₂ ≥ the operator norm of the conv on every input size, zero or circular padding, r its
+relative slack (0.0048 for the n = 64 lattice bound, rtol = 5e-4 for a certified search). B̃ is a
+differentiable version with B̃(K) ≥ B(K) (below). For a kernel slice V, a target τ and a product P of
+the other factors of the same loop product (recomputed from the current weights, and differentiated),
+the **normalised slice** is ``V·c``, c = τ/(B̃(V)·P). S is positively homogeneous, so
+``B(V·c) ≤ (1 + r)·c·S(V) ≤ (1 + r)·τ/P``, and ``B(V·c) = τ/P`` up to rounding when B is homogeneous
+itself (the lattice bound is; a certified search is, unless it settles on another peak of a rescaled
+kernel). Each normalised slice carries a learnable logit θ and a target ``τ = budget · sigmoid(θ)`` <
+budget, ``budget = (1 − MARGIN) ×`` what ρ allows; MARGIN = 1e-3 covers a search's slack (2·rtol) and
+the float32 rounding of V·c (~1e-6). Hence the certificate, recomputed from the weights, is ≤ ρ.
 
 **feat** (``FeatureRecurrence``; VResNet blocks ``o_l = a + K2 * relu(K1 * [a, λ·o_l^{t−1}])``,
 VDnCNN blocks ``o_l = relu(K * [a, λ·o_l^{t−1}])``, a = o_{l−1}^t). The map bounded is the state map
@@ -62,11 +65,10 @@ of the batch, c_t from the same flow, no gradient needed through it), so that �
 let ``FRVSR.loop_certificate`` return the chain bound |λ|·B(H[:, C:])·Π A_l·B(T); this class would then
 normalise FRVSR's head slice exactly as for frame. Until then it refuses FRVSR.
 
-The differentiable bound B̃: ``conv_norm_bound_tensor`` of :mod:`recstab.norms.bound` when it exists,
-else :func:`lattice_bound_tensor` here, the same lattice bound as ``conv_norm_bound`` (equal value; the
-gradient of the lattice maximum is that of its arg-max block's σ₁). The parametrization references the
-partner convs of the model (not as submodules, so nothing is duplicated in state_dict; a deepcopy of
-the whole model copies the references consistently).
+The differentiable bound B̃ is ``conv_norm_bound_tensor`` of :mod:`recstab.norms.bound`: the same number
+as ``conv_norm_bound`` with the gradient of its peak's σ₁. The parametrization references the partner
+convs of the model (not as submodules, so nothing is duplicated in state_dict; a deepcopy of the whole
+model copies the references consistently).
 """
 
 from __future__ import annotations
@@ -78,49 +80,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from recstab.norms.bound import ROUNDING, conv_norm_bound
-from recstab.norms.spectra import check_kernel_and_n
+from recstab.norms.bound import conv_norm_bound, conv_norm_bound_tensor
 
-MARGIN = 1e-4     # relative room below rho for the float32 rounding of the scaled weights
-LATTICE_N = 64    # the lattice of conv_norm_bound's default (what loop_certificate uses)
+MARGIN = 1e-3     # relative room below rho: the per-conv bound's own slack on a rescaled kernel (≤ its rtol) and float32 rounding
 CERTIFIED_RECURRENCES = ("feat", "frame", "rlsp", "birlsp", "rlsp-mf3", "rlsp-mf7", "birlsp-mf3",
                          "birlsp-mf7")  # of the vdncnn and vresnet backbones; plus the dbdnet baseline
 
 
-def lattice_bound_tensor(weight: torch.Tensor, n: int = LATTICE_N) -> torch.Tensor:
-    """``conv_norm_bound(weight, n)`` as a differentiable 0-dim float64 tensor (same value).
-
-    The lattice maximum is found without gradient; the arg-max block K̂(λ*) is recomputed from
-    ``weight`` with gradient, so the result is differentiable wherever the maximum is unique.
-    """
-    check_kernel_and_n(weight, n)
-    kh, kw = weight.shape[-2:]
-    degree = (kh - 1) + (kw - 1)
-    if n <= degree:
-        raise ValueError(f"n={n} is too small for the {kh}×{kw} kernel: valid n >= {degree + 1}")
-    w = weight.to(torch.float64)
-    with torch.no_grad():
-        p, q = torch.meshgrid(torch.arange(n), torch.arange(n // 2 + 1), indexing="ij")
-        keep = ((p + q) % 2 == 0) if n % 2 == 0 else torch.ones_like(p, dtype=torch.bool)
-        blocks = torch.fft.rfft2(w.detach(), s=(n, n)).permute(2, 3, 0, 1)[keep]
-        top = torch.linalg.svdvals(blocks)[:, 0]
-        best = int(top.argmax())
-        pk, qk = int(p[keep][best]), int(q[keep][best])
-    a = torch.arange(kh, dtype=torch.float64, device=w.device)[:, None]
-    b = torch.arange(kw, dtype=torch.float64, device=w.device)[None, :]
-    phase = torch.exp(-2j * math.pi * (pk * a + qk * b) / n)                 # kh×kw, as rfft2 defines K̂
-    block = (w.to(torch.complex128) * phase).sum(dim=(-2, -1))
-    return torch.linalg.svdvals(block)[0] / math.cos(math.pi * degree / (2 * n)) * (1 + ROUNDING)
-
-
-def _differentiable_bound():
-    from recstab.norms import bound
-    return getattr(bound, "conv_norm_bound_tensor", lattice_bound_tensor)
-
-
 def bound_tensor(weight: torch.Tensor) -> torch.Tensor:
-    """B̃(weight): a differentiable 0-dim tensor ≥ ``conv_norm_bound(weight)`` (what certificates use)."""
-    return _differentiable_bound()(weight)
+    """B̃(weight) = ``conv_norm_bound_tensor(weight)``: ``conv_norm_bound(weight)`` (what certificates use)
+    as a differentiable 0-dim float64 tensor."""
+    return conv_norm_bound_tensor(weight)
 
 
 def self_loop_budget(rho: float) -> float:
@@ -342,5 +312,6 @@ def frvsr_step_bounds(model: nn.Module, clip: torch.Tensor) -> torch.Tensor:
     return torch.stack([warp_l2_bound(f).max() * chain for f in flows])
 
 
-__all__ = ["CertifiedLoop", "LoopGain", "certify", "loop_gains", "plain_state_dict", "bound_tensor", "lattice_bound_tensor", "self_loop_budget",
-           "warp_l2_bound", "warp_column_sums", "frvsr_step_bounds", "MARGIN", "CERTIFIED_RECURRENCES"]
+__all__ = ["CertifiedLoop", "LoopGain", "certify", "loop_gains", "plain_state_dict", "bound_tensor",
+           "self_loop_budget", "warp_l2_bound", "warp_column_sums", "frvsr_step_bounds", "MARGIN",
+           "CERTIFIED_RECURRENCES"]
