@@ -49,34 +49,42 @@ P = (2T − M)/M is a real trigonometric polynomial of the same degrees with |P|
 maximum need a fine n; the rest is cleared at coarse n:
  - H(ω) = K̂(ω)ᴴK̂(ω) (on the smaller channel side, m = min(c_in, c_out)) is itself a
    matrix trigonometric polynomial with (2kh − 1)(2kw − 1) taps L_δ = Σ_{s − t = δ} K_tᵀK_s,
-   L_{−δ} = L_δᵀ: one (kh·kw·m)² Gram matrix of the unfolded kernel gives them all, after
-   which H at any ω costs one small matrix product (no FFT, no per-point SVD).
- - A lower bound L: σ₁ at the best of the coarse corners (a few batched power iterations
-   rank them), climbed to a local maximum of σ₁(K̂(ω)) over continuous ω by Newton's method
-   (gradient and Hessian of the top eigenvalue of H(ω) from one eigendecomposition, by
-   first- and second-order perturbation theory). L = σ₁ there; L ≤ S.
- - γ = (1 + rtol)·L. Starting at n₀ ≈ 6(d₁ + d₂), every square is tested at its level:
-   both corners must satisfy σ₁ ≤ γ·cos(r_n/2), i.e. λ_max(H) ≤ τ := γ²cos²(r_n/2). The test
-   is one Cholesky factorisation of τI − H (below); a square that fails is split into the
-   four squares of the 2n-grid (their corners are on Λ_2n). At the final level n_f, where
-   (1 + rtol)·cos(r_nf/2) ≥ 1 + rtol/2, a failing corner gets its exact σ₁ (float64
-   eigvalsh); it exceeds τ > L, so it raises L (climbed again) and γ: the search ends when
-   every square has passed, and then S ≤ γ by (d). Squares that passed at a smaller γ stay
-   valid (thresholds only grow).
- - The bound returned is γ·(1 + ROUNDING) (see rounding), at most (1 + rtol)·S, and at
-   least S. For 1×1 kernels K̂ is constant: the bound is σ₁(K)·(1 + ROUNDING).
+   L_{−δ} = L_δᵀ (one batched product of the kernel's tap matrices, float64), after which H at
+   any ω costs one small matrix product (no FFT, no per-point SVD).
+ - A lower bound L: the coarse corners are ranked by ‖H‖_F, the best dozen get their top
+   eigenvalue, and the best of those is climbed to a local maximum of σ₁(K̂(ω)) over continuous
+   ω by Newton's method (gradient and Hessian of the top eigenvalue of H(ω) from one
+   eigendecomposition, by first- and second-order perturbation theory; backtracking; saddles left
+   along the upward curvature). L = σ₁ there (any σ₁ is ≤ S).
+ - γ = (1 + rtol)·L. Starting at n₀ = 6(d₁ + d₂), every square is tested at its level: both
+   corners must satisfy σ₁ ≤ γ·cos(r_n/2), i.e. λ_max(H) ≤ τ := γ²cos²(r_n/2) — one Cholesky
+   factorisation of τI − H each (section 3); a square that fails is split into the four squares
+   of the 2n-grid (their corners are on Λ_2n). A proven λ_max ≤ τ is kept and reused at finer
+   levels (their τ only grows).
+ - The corners that fail are also tested at γ² itself: one that fails that too has σ₁ > γ > L,
+   so L was not the maximum — its eigenvalue raises L (a new peak is climbed), γ grows, and the
+   level is tested again. At the final level n_f, where (1 + rtol)·cos(r_nf/2) ≥ 1 + rtol/2, these
+   tests are float64; a square that still fails there has a corner above γ, which raises L
+   (strictly: the search ends). When every square has passed, S ≤ γ by (d). Squares that passed
+   at a smaller γ stay valid (thresholds only grow).
+ - The bound returned is max(γ, (1 + rtol)·σ₁(K̂(ω̂)))·(1 + ROUNDING), ω̂ the final peak climbed
+   in float64 (σ₁(K̂(ω̂)) ≥ L): at least S and at most (1 + rtol)·S. For 1×1 kernels K̂ is
+   constant: the bound is σ₁(K)·(1 + ROUNDING). A zero kernel has bound 0.
 
-3. Rounding (float32 tests, stated margins). A Cholesky factorisation that runs to the end
-in floating point (unit roundoff u) is exact for A + ΔA with |ΔA| ≤ γ_{m+1}|R̂ᴴ||R̂| (Demmel;
-Higham, Thm 10.3), so ‖ΔA‖₂ ≤ γ·‖R̂‖_F² ≤ γ·tr(A)/(1 − γ); for complex arithmetic we take
-γ = 4(m + 2)u. The test factorises A = s·I − H̃ with H̃ the float32 H (its error, from casting
-the float64 taps and the phases and from the sum over taps, is at most
-E = (D + 4)·u·Σ_δ‖stack_δ‖_F, D taps) and s = τ − E − u(τ + tr H̃) − γ·tr(A)/(1 − γ); success
-proves τI − H ⪰ 0 for the exact H of the given kernel (the float64 taps carry ≤ 1e-11 relative
-error, added to E). For a 64-channel layer the margin is ~7e-4 of τ (~3.5e-4 on σ); corners that
-fail only because of it get float64 values at the final level. Exact values are float64
-eigenvalues (backward stable: within 10·m·u64·‖H‖_F, added). The bound is multiplied by
-1 + ROUNDING (1e-9) so that the differentiable recomputation (an SVD of one block) is never below it.
+3. Rounding (stated margins). A Cholesky factorisation that runs to the end in floating point
+(unit roundoff u) is exact for A + ΔA with |ΔA| ≤ γ_{m+1}|R̂ᴴ||R̂| (Demmel; Higham, Thm 10.3), so
+‖ΔA‖₂ ≤ γ·‖R̂‖_F² ≤ γ·tr(A)/(1 − γ); for complex arithmetic we take γ = 4(m + 2)u (blocked LAPACK
+factorisations with conventional products satisfy the same bound up to this constant). The test
+factorises A = s·I − H̃, H̃ the H formed in the test's precision, whose error (casting the float64
+taps and phases, the sum over D taps) is at most E = (D + 4)·u·Σ_δ‖stack_δ‖_F·1.01, plus the
+float64 taps' own error 2D(c + kh·kw + 2)·u64·‖K‖_F²; s = τ − E − u(τ + |tr H̃|) − γ·tr(A)/(1 − γ).
+Success proves τI − H ⪰ 0 for the exact H of the given kernel. In float32 the margin is ~8e-4
+of τ for a 64-channel layer (~4e-4 on σ), so float64 tests (margin ~1e-12) take over where the
+thresholds come within two margins of γ² (the fine levels); a float32 failure is only
+inconclusive (it refines, or is retested in float64). Eigenvalues used as values are float64
+or float32 (only to choose L: the proof never rests on them). The bound is multiplied by
+1 + ROUNDING (1e-9) so that the differentiable recomputation (an SVD of one block) is never
+below the proven γ.
 
 4. Differentiable version. `conv_norm_bound_tensor(w)` returns the same number as a 0-dim
 tensor: (1 + rtol)(1 + ROUNDING)·σ₁(K̂_w(ω̂)), the block at the final peak ω̂ rebuilt from `w`
@@ -85,9 +93,13 @@ derivative of the bound wherever the peak is unique and σ₁ simple. Dividing a
 a weight whose bound is 1 (the bound is positively homogeneous: every decision of the search
 compares scale-free ratios).
 
-Cost (64→64 3×3, one CPU thread, He-init): the Gram taps, a few hundred float32 Cholesky
-factorisations of 64×64 blocks and a handful of float64 eigendecompositions — numbers in
-benchmarks/results/bound.md. Trained kernels with a pronounced peak clear most of T² at n₀.
+Cost (64→64 3×3, He-init): the taps, 300–800 Cholesky factorisations of 64×64 blocks
+(He-init responses are flat: σ₁ varies by ~9 % over T², so most squares need n = 48–96 and
+the squares near the peak n = 192–384) and a few dozen small eigendecompositions — numbers in
+benchmarks/results/bound.md. That is one order of magnitude more than a conv forward on a
+64×64 map: every certified corner costs a factorisation of an m×m block (no certificate of
+λ_max(H) ≤ τ below O(m³) is known), and the lattice argument needs a few hundred corners on a
+flat landscape. Kernels with a pronounced peak (trained ones) clear most of T² at n₀.
 """
 
 import math
@@ -100,9 +112,9 @@ from recstab.norms.spectra import _blocks, check_kernel_and_n
 ROUNDING = 1e-9   # relative margin added for floating-point rounding (float64 SVD/eigh: ~1e-13)
 RTOL = 5e-4       # default: the bound is at most (1 + RTOL)·S (and at least S)
 METHODS = ("adaptive", "svd")
-_POWER_STEPS = 3  # batched power iterations that rank the coarse corners
 _CANDIDATES = 3   # coarse corners the peak search climbs from
 _CLIMB_STEPS = 8  # Newton steps of the peak search
+_FLOAT32_VALUE = 1e-5  # relative error allowed for a float32 top eigenvalue of a formed block (~m·u₃₂)
 _MAX_DOUBLINGS = 24
 
 
@@ -230,11 +242,12 @@ def certify(minus_H: torch.Tensor, tau: torch.Tensor, gram: GramTaps) -> torch.T
 def top_eigenvalues(H64: torch.Tensor, gram: GramTaps) -> torch.Tensor:
     """λ_max of float64 blocks, raised by the rounding of forming and of eigvalsh (an upper bound)."""
     values = torch.linalg.eigvalsh(H64)[..., -1]
-    slack = 10 * H64.shape[-1] * _unit(torch.float64) * torch.linalg.matrix_norm(H64)
+    slack = 10 * H64.shape[-1] * _unit(torch.float64) * torch.view_as_real(H64).pow(2).sum((-3, -2, -1)).sqrt()
     return values + slack + gram.form_error(torch.float64)
 
 
-def climb(gram: GramTaps, omega: torch.Tensor, steps: int = _CLIMB_STEPS) -> tuple[torch.Tensor, float, int]:
+def climb(gram: GramTaps, omega: torch.Tensor, steps: int = _CLIMB_STEPS, polish: bool = True
+          ) -> tuple[torch.Tensor, float, int]:
     """A local maximum of λ_max(H(ω)) from `omega` (2,) by Newton's method with backtracking:
     (ω̂, λ_max(H(ω̂)), number of eigendecompositions). Gradient v₁ᴴ∂H v₁, Hessian
     v₁ᴴ∂²H v₁ + 2 Σ_{i>1} Re(v₁ᴴ∂_jH v_i · v_iᴴ∂_kH v₁)/(λ₁ − λ_i) (perturbation theory)."""
@@ -285,8 +298,8 @@ def climb(gram: GramTaps, omega: torch.Tensor, steps: int = _CLIMB_STEPS) -> tup
         else:
             improved = False
         if not improved or float(values[-1] - top) <= 1e-13 * float(top):
-            if precision[0] == torch.float64:
-                break                  # converged: λ₁ is flat to ~1e-14 there
+            if precision[0] == torch.float64 or not polish:
+                break                  # converged: λ₁ is flat to ~1e-14 there (~1e-7 without the float64 polish)
             precision[0] = torch.float64   # finish in float64 (the peak value and ω̂ to ~1e-8)
             values, vectors = eig(omega)
             count += 1
@@ -344,16 +357,12 @@ def certified_peak(weight: torch.Tensor, n: int | None = None, rtol: float = RTO
     coarse_keys = torch.unique(torch.cat([key(cells[:, 0] + i, cells[:, 1] + j, n0) for i in (0, 1) for j in (0, 1)]))
     coarse_omega = omega_of(coarse_keys)
     coarse = gram.gram(coarse_omega, torch.float32)
-    vector = torch.linspace(1.0, 2.0, gram.m).to(coarse.dtype).expand(len(coarse), -1).unsqueeze(-1)
-    for _ in range(_POWER_STEPS):  # (a fixed start: the search is deterministic)
-        vector = coarse @ vector
-        vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    rayleigh = (vector.mH @ coarse @ vector).real.flatten().double()
-    top = rayleigh.topk(min(4 * _CANDIDATES, len(rayleigh))).indices        # their exact values, then climb
-    values = torch.linalg.eigvalsh(coarse[top]).double()[:, -1]
-    start = coarse_omega[top[values.argmax()]]
-    omega, lam, count = climb(gram, start)
-    state = {"lam": lam, "omega": omega, "moved": False, "tests": 0, "exact": len(top) + count}
+    frobenius = torch.view_as_real(coarse).pow(2).sum((1, 2, 3))  # ‖H‖_F² = Σλ²: ranks the coarse corners
+    top = frobenius.topk(min(4 * _CANDIDATES, len(frobenius))).indices
+    values = torch.linalg.eigvalsh(coarse[top]).double()[:, -1]   # their top eigenvalues; climb from the best
+    omega, lam, count = climb(gram, coarse_omega[top[values.argmax()]], polish=False)
+    lam *= 1 - _FLOAT32_VALUE    # float32 eigenvalues, lowered: L stays below σ₁² at ω, and so below the final peak
+    state = {"lam": lam, "omega": omega, "tests": 0, "exact": len(top) + count}
     # what is proven per corner (keys sorted): the smallest τ with λ_max ≤ τ, the largest τ below λ_max
     book = {"keys": coarse_keys, "passed": torch.full((len(coarse_keys),), math.inf, dtype=torch.float64),
             "failed": torch.full((len(coarse_keys),), -math.inf, dtype=torch.float64)}
@@ -411,9 +420,9 @@ def certified_peak(weight: torch.Tensor, n: int | None = None, rtol: float = RTO
             return False
         start, value = omega[index], float(values[index])
         if value > state["lam"] * (1 + rtol) ** 2:  # a different peak: climb it now (γ right for the next levels)
-            start, value, count = climb(gram, start)
+            start, value, count = climb(gram, start, polish=False)
             state["exact"] += count
-        state.update(lam=value, omega=start, moved=True)
+        state.update(lam=value * (1 - _FLOAT32_VALUE), omega=start)
         return True
 
     level, levels = n0, []
@@ -443,14 +452,16 @@ def certified_peak(weight: torch.Tensor, n: int | None = None, rtol: float = RTO
         cells = cells[failing]
         cells = torch.cat([torch.stack([2 * cells[:, 0] + i, 2 * cells[:, 1] + j], 1) for i in (0, 1) for j in (0, 1)])
         level *= 2
-    bound = gamma()
-    omega, lam = state["omega"], state["lam"]
-    if state["moved"]:                                   # the peak ω̂ (the differentiable bound's block)
-        omega, lam, count = climb(gram, omega)
-        state["exact"] += count
-    sigma = math.sqrt(max(lam, state["lam"], 0.0))
-    return Certificate(max(bound, sigma * (1 + rtol)) * (1 + ROUNDING), sigma, (float(omega[0]), float(omega[1])),
-                       state["tests"], state["exact"], tuple(levels))
+    proven = gamma()
+    omega, lam, count = climb(gram, state["omega"])      # the peak ω̂ (the differentiable bound's block), float64
+    state["exact"] += count
+    sigma = math.sqrt(max(lam, 0.0))
+    # the proof is S ≤ γ = (1 + rtol)·√L, and L ≤ σ₁(K̂(ω̂))²: the bound below is at least γ
+    bound = sigma * (1 + rtol) * (1 + ROUNDING)
+    if bound < proven:   # cannot happen (the float64 climb starts at L's ω and only ascends); never below the proof
+        bound = proven * (1 + ROUNDING)
+    return Certificate(bound, sigma, (float(omega[0]), float(omega[1])), state["tests"], state["exact"],
+                       tuple(levels))
 
 
 def lattice_svd_bound(weight: torch.Tensor, n: int = 64) -> float:
