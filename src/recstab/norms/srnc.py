@@ -432,7 +432,7 @@ class ConvStableRankNorm(PowerIterationNorm):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._estimates = None  # a loaded u: the next training step runs a full sweep first
-        self._plan = self._eval_plan = None
+        self._plan = self._eval_plan = self._seen = None
 
     def exact_plan(self, weight: torch.Tensor) -> dict:
         """The plan from the whole spectrum, cached per kernel value (eval mode, refresh)."""
