@@ -36,7 +36,8 @@ Which frequency is the arg-max, and what is guaranteed:
   upper side holds when the true arg-max is among the candidates (measured, not proven:
   benchmarks/results/norms.md). Proving it at every step needs the singular values of all
   F blocks (a certified upper bound per block: one Cholesky factorisation or eigenvalue
-  problem each, ~0.1 s per 64-channel layer at n = 64 on one CPU thread) — beyond the 5 %
+  problem each; the exhaustive spectrum of a 64-channel layer at n = 64 takes ~1 s on one
+  CPU thread, a tenth of a whole training step of the benchmark model) — beyond the 5 %
   step budget. Eval mode and `refresh(exact=True)` always use the exhaustive arg-max.
 
 Derivation of the normalisation (and of γ).
@@ -322,6 +323,8 @@ class ConvStableRankNorm(PowerIterationNorm):
             k_values = self._estimates / sigma
             k_values[index] = values / sigma
         chosen = None if exact else torch.cat([self.window(best, w.device), index]).unique()
+        if w.shape[-2:] == (1, 1):   # a 1×1 kernel has the same block at every frequency
+            chosen = torch.tensor([best], device=w.device)
         s1_blocks, k_blocks = {}, {}
 
         def top_of(kappa: float) -> tuple[float, int]:
