@@ -211,8 +211,10 @@ class GramTaps:
         vᴴ∂_j∂_kH v (2 × 2) and the couplings v_iᴴ∂_jH v (2 × m)."""
         phase = self.offsets @ omega                                            # D
         v = vectors[:, -1]
-        sym = self.real64[1:].view(-1, self.m, self.m).to(torch.complex128)
-        anti = -self.imag64.view(-1, self.m, self.m).to(torch.complex128)
+        if "complex" not in self._stacks:
+            self._stacks["complex"] = (self.real64[1:].view(-1, self.m, self.m).to(torch.complex128),
+                                       -self.imag64.view(-1, self.m, self.m).to(torch.complex128))
+        sym, anti = self._stacks["complex"]
         ys, ya = sym @ v, anti @ v                                              # D × m: S_δ v, A_δ v
         ts, ta = ys @ v.conj(), ya @ v.conj()                                   # vᴴS_δv, vᴴA_δv
         sin, cos = phase.sin().to(torch.complex128), phase.cos().to(torch.complex128)
@@ -384,7 +386,7 @@ def _search(weight: torch.Tensor, n: int | None, rtol: float) -> Certificate:
     coarse_keys = torch.unique(torch.cat([key(cells[:, 0] + i, cells[:, 1] + j, n0) for i in (0, 1) for j in (0, 1)]))
     coarse_omega = omega_of(coarse_keys)
     coarse = gram.gram(coarse_omega, torch.float32)
-    frobenius = torch.view_as_real(coarse).pow(2).sum((1, 2, 3))  # ‖H‖_F² = Σλ²: ranks the coarse corners
+    frobenius = torch.linalg.vector_norm(torch.view_as_real(coarse), dim=(1, 2, 3))  # ‖H‖_F = (Σλ²)^½ ranks them
     top = frobenius.topk(min(4 * _CANDIDATES, len(frobenius))).indices
     values = torch.linalg.eigvalsh(coarse[top]).double()[:, -1]   # their top eigenvalues; climb from the best
     omega, lam, count = climb(gram, coarse_omega[top[values.argmax()]], polish=False)
