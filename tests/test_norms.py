@@ -389,7 +389,7 @@ BAND_CASES = [  # (c_in, c_out, kh, kw, lr, beta): the configurations the old tr
 def test_srnc_stays_in_its_band_at_every_step_of_a_plain_adam_loop(c_in, c_out, kh, kw, lr, beta):
     """Regression onto a fixed random conv (it moves the arg-max frequency), no refresh, no cached(): the exact
     ‖W‖₂ of the weight each step trains with is α (the band is [0.99, 1.01]α; measured here to 1e-6). The full
-    grid, 200 steps each: benchmarks/bench_norms.py --band."""
+    grid, 200 steps each: benchmarks/bench_norms.py --what band."""
     torch.manual_seed(0)
     conv = nn.Conv2d(c_in, c_out, (kh, kw), padding=(kh // 2, kw // 2), bias=False)
     nn.init.kaiming_normal_(conv.weight)

@@ -1,4 +1,4 @@
-r"""A proven upper bound of a conv layer's operator norm on EVERY input size, in milliseconds.
+r"""A proven upper bound of a conv layer's operator norm on EVERY input size, by a certified search.
 
 K is a kernel c_out × c_in × kh × kw (stride 1, no dilation, no groups). Its frequency
 response is the matrix trigonometric polynomial
