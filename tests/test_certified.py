@@ -323,3 +323,23 @@ def test_cli_smoke_run_checkpoint_reloaded_is_certified_from_its_weights(tmp_pat
     plain = build_model(model.backbone_name, model.recurrence, channels=model.channels, init="near_identity")
     plain.load_state_dict(plain_state_dict(model))
     assert loop_certificate(plain).bound <= 0.9
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+def test_sweep_certified_is_the_default_recipe_and_fills_each_row_once(compose, sweep_jobs):
+    from pathlib import Path
+
+    from recstab.report.tables import Run, load_paper, matches
+
+    cfg = compose("train", ["sweep=certified"])
+    default = compose("train", [])
+    assert (cfg.trainer.max_steps, cfg.model.channels, cfg.recurrence.name) == (
+        default.trainer.max_steps, default.model.channels, default.recurrence.name)
+    rows = load_paper("certified")["rows"]
+    hits = []
+    for overrides in sweep_jobs(cfg):
+        job = compose("train", ["sweep=certified", *overrides])
+        hits += [r["name"] for r in rows if matches(Run(Path("."), job, {}, str(job.run_name)), r["match"])]
+        if job.norm.name == "certified":
+            assert CertifiedLoop(**{k: v for k, v in job.norm.items() if k != "_target_"}).rho == job.norm.rho
+    assert sorted(hits) == sorted(r["name"] for r in rows)
