@@ -180,6 +180,21 @@ def test_composes_with_sr2_and_the_dbdnet_baseline():
     assert loop_certificate(CertifiedLoop(rho=0.5)(dbd)).bound <= 0.5
 
 
+@pytest.mark.parametrize("recurrence", ["feat", "frame"])
+def test_composes_on_top_of_a_base_norm_of_the_whole_model(recurrence):
+    """base=SRN-C (a config dict, as Hydra hands it): every conv carries SRN-C, the loop slices LoopGain on top."""
+    from recstab.norms import ConvStableRankNorm, normalised_convs
+
+    torch.manual_seed(0)
+    base = {"_target_": "recstab.norms.SRNC", "alpha": 2.0, "beta": 1.0}
+    model = CertifiedLoop(rho=0.5, base=base)(tiny(recurrence, init="he"))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(normalised_convs(model)) == len(convs)
+    assert all(isinstance(n, ConvStableRankNorm) for _, _, n in normalised_convs(model))
+    assert len(loop_gains(model)) == (2 if recurrence == "feat" else 1)
+    assert loop_certificate(model).bound <= 0.5
+
+
 @pytest.mark.parametrize("recurrence", ["none", "mf3", "shift"])
 def test_refuses_models_without_a_loop_naming_the_valid_ones(recurrence):
     with pytest.raises(ValueError, match=f"{recurrence!r}.*no feedback loop.*valid: recurrence feat, frame, rlsp"):

@@ -168,12 +168,16 @@ class CertifiedLoop:
     gain: the fraction of the budget each normalised slice starts at, in (0, 1); learned after
         (``budget · sigmoid(logit)``).
     loop_only: must be true (the construction never touches the feed-forward path).
+    base: a norm object (or its config dict) put on the model first, e.g. ``SRNC(alpha=2, beta=0.1)``:
+        a regulariser of the whole model; the loop slices are then normalised on top of it (the
+        certificate reads the composed weights, so the theorem is unchanged).
     """
 
     name: str = "certified"   # the label of runs and report rows
     rho: float = 0.95
     gain: float = 0.9
     loop_only: bool = True    # always: only the loop's entry slices are normalised (for sweeps that set it)
+    base: object = None       # a norm applied first to the whole model (e.g. recstab.norms.SRNC), or None
 
     def __post_init__(self) -> None:
         if self.loop_only is not True:
@@ -231,6 +235,9 @@ class CertifiedLoop:
             if parametrize.is_parametrized(conv, "weight"):
                 raise ValueError(f"a loop conv of {type(model).__name__} already has a weight parametrization; "
                                  "norm=certified must be the model's only norm")
+        if self.base is not None:
+            from recstab.norms import make_norm
+            make_norm(self.base)(model)
         for conv, start, budget, partners in plan:
             gain = LoopGain(conv.weight.detach(), start, budget, self.gain, partners)
             parametrize.register_parametrization(conv, "weight", gain)
