@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from recstab.norms import apply_norm, conv_norm_bound, conv_singular_values, normalised_convs, refresh, spectral_norm_fft
 from recstab.norms import bound as bound_module
 from recstab.norms.bound import certified_peak, lattice_svd_bound
+from recstab.norms.spectra import frequency_response_peak
 from recstab.norms.srnc import TRACKED
 
 RESULTS = Path(__file__).parent / "results"
@@ -294,31 +295,6 @@ def cpu_time(fn, repeats):
     return statistics.median(times)
 
 
-def continuous_sup(weight, starts=5, grid=64):
-    """sup_ω σ₁(K̂(ω)) estimated independently: L-BFGS on ω from the best points of a grid×grid FFT spectrum."""
-    w = weight.double()
-    tops = torch.linalg.svdvals(torch.fft.fft2(w.float(), s=(grid, grid)).permute(2, 3, 0, 1))[..., 0]
-    kh, kw = w.shape[-2:]
-    a = torch.arange(kh, dtype=torch.float64)[:, None]
-    b = torch.arange(kw, dtype=torch.float64)[None, :]
-    best = 0.0
-    for flat in tops.flatten().topk(starts).indices.tolist():
-        omega = (2 * math.pi * torch.tensor(divmod(flat, grid), dtype=torch.float64) / grid).requires_grad_(True)
-        optimizer = torch.optim.LBFGS([omega], lr=0.5, max_iter=60, tolerance_grad=1e-14, tolerance_change=1e-16,
-                                      line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            block = (w.to(torch.complex128) * torch.exp(-1j * (omega[0] * a + omega[1] * b))).sum(dim=(-2, -1))
-            loss = -torch.linalg.svdvals(block)[0]
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        best = max(best, -closure().item())
-    return best
-
-
 BOUND_CASES = [  # (label, c_out, c_in, k, kernel maker)
     ("He 64→64 3×3", 64, 64, 3, "he"), ("He 32→32 3×3", 32, 32, 3, "he"), ("He 64→128 3×3", 64, 128, 3, "he"),
     ("He 64→64 5×5", 64, 64, 5, "he"), ("He + low-pass 64→64 3×3", 64, 64, 3, "peaked")]
@@ -338,7 +314,7 @@ def bound_section(args, load) -> str:
             cert = certified_peak(w)
             fft = cpu_time(lambda: spectral_norm_fft(w, 64), 1)
             old = cpu_time(lambda: lattice_svd_bound(w, 64), 1) if k == 3 or seed == 0 else math.nan
-            sup = continuous_sup(w)
+            sup = frequency_response_peak(w)
             values = (conv_norm_bound(w) / sup, lattice_svd_bound(w, 64) / sup, spectral_norm_fft(w.double(), 64) / sup)
             raw.append((label, seed, conv, new, old, fft, values, cert))
             print(label, seed, f"conv {conv * 1e3:.2f} ms, new {new / conv:.1f}x, old {old / conv:.0f}x, "

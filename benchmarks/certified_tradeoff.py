@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from recstab.report.tables import build_table, collect_runs, fmt, load_paper, our_value
+from recstab.report.tables import build_table, collect_runs, fmt, load_paper
 
 
 def rows(dirs: list[str]) -> tuple[list[dict], list[str]]:

@@ -69,34 +69,17 @@ def write_section(key: str, text: str, path: Path = RESULTS) -> None:
     path.write_text(new)
 
 
-def _vresnet_feat(conv_norm: float | None = None, channels: int = 16, seed: int = 0):
-    import torch
-    from torch import nn
-
-    from recstab.models import build_model
-    from recstab.norms import spectral_norm_fft
-
-    torch.manual_seed(seed)
-    model = build_model("vresnet", "feat", "denoise", channels)
-    if conv_norm is not None:
-        with torch.no_grad():
-            for conv in model.modules():
-                if isinstance(conv, nn.Conv2d):
-                    conv.weight.mul_(conv_norm / spectral_norm_fft(conv.weight, 32))
-    return model
-
-
 def references() -> list:
     """(name, build, λ₁ or nan, grows, TRF kwargs, λ₁ frame size) of every reference row."""
     import math
 
-    from recstab.models.reference import catalogue
+    from recstab.models.reference import catalogue, vresnet_feat
 
     small = dict(frames=81, size=8, iters=20)
     rows = [(r.name, r.build, r.exponent, r.grows, small, 1) for r in catalogue()]
     net = dict(frames=41, size=16, iters=20)
-    rows.append(("VResNet-feat 16 ch, He init", _vresnet_feat, math.nan, True, net, 16))
-    rows.append(("VResNet-feat 16 ch, every conv at norm 0.5", lambda: _vresnet_feat(0.5), math.nan, False, net, 16))
+    rows.append(("VResNet-feat 16 ch, He init", vresnet_feat, math.nan, True, net, 16))
+    rows.append(("VResNet-feat 16 ch, every conv at norm 0.5", lambda: vresnet_feat(conv_norm=0.5), math.nan, False, net, 16))
     return rows
 
 

@@ -244,24 +244,8 @@ def write_video_folder(write_video):
     return _write_video_folder
 
 
-def _vresnet_feat(channels: int = 16, seed: int = 0, conv_norm: float | None = None):
-    """Untrained He-init VResNet-feat; ``conv_norm``: rescale every conv to that operator norm (FFT, 32×32)."""
-    from torch import nn
-
-    from recstab.models import build_model
-
-    torch.manual_seed(seed)
-    model = build_model("vresnet", "feat", "denoise", channels)
-    if conv_norm is not None:
-        from recstab.norms import spectral_norm_fft
-        with torch.no_grad():
-            for conv in model.modules():
-                if isinstance(conv, nn.Conv2d):
-                    conv.weight.mul_(conv_norm / spectral_norm_fft(conv.weight, 32))
-    return model
-
-
 @pytest.fixture(scope="session")
 def vresnet_feat():
     """``vresnet_feat(channels=16, seed=0, conv_norm=None)`` -> an untrained VResNet-feat."""
-    return _vresnet_feat
+    from recstab.models.reference import vresnet_feat
+    return vresnet_feat

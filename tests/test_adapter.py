@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from recstab.diagnostics import VERDICTS, loop_certificate, stability_report
-from recstab.diagnostics.lyapunov import jvp
 from recstab.models.adapter import ClipModel, StepModel
 from recstab.models.certificate import chain_certificate
 from recstab.models.interface import StreamingNotSupported

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from recstab.norms import conv_norm_bound, spectral_norm_fft
+from recstab.norms.spectra import frequency_response_peak
 from recstab.norms.bound import RTOL, certified_peak, conv_norm_bound_tensor, lattice_svd_bound
 
 
@@ -40,32 +41,6 @@ def zero_padded_power_norm(weight, size, iters, start=None):
         x = F.conv_transpose2d(F.conv2d(x, weight, padding=pad), weight, padding=pad)  # WᵀW x
     x = x / x.norm()
     return F.conv2d(x, weight, padding=pad).norm().item()
-
-
-def continuous_peak(weight, starts=5, grid=64):
-    """An independent estimate of sup_ω σ₁(K̂(ω)): the best `starts` points of a grid×grid FFT spectrum, each
-    climbed by L-BFGS on ω (autograd through svdvals); the largest local maximum found (a lower estimate)."""
-    w = weight.double()
-    tops = torch.linalg.svdvals(torch.fft.fft2(w.float(), s=(grid, grid)).permute(2, 3, 0, 1))[..., 0]
-    kh, kw = w.shape[-2:]
-    a = torch.arange(kh, dtype=torch.float64)[:, None]
-    b = torch.arange(kw, dtype=torch.float64)[None, :]
-    best = 0.0
-    for flat in tops.flatten().topk(starts).indices.tolist():
-        omega = (2 * math.pi * torch.tensor(divmod(flat, grid), dtype=torch.float64)).div(grid).requires_grad_(True)
-        optimizer = torch.optim.LBFGS([omega], lr=0.5, max_iter=60, tolerance_grad=1e-14, tolerance_change=1e-16,
-                                      line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            block = (w.to(torch.complex128) * torch.exp(-1j * (omega[0] * a + omega[1] * b))).sum(dim=(-2, -1))
-            loss = -torch.linalg.svdvals(block)[0]
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        best = max(best, -closure().item())
-    return best
 
 
 SHAPES = [(3, 2, 3, 3), (2, 3, 2, 4), (3, 2, 1, 3), (2, 2, 5, 5), (3, 4, 1, 1), (4, 3, 3, 5)]
@@ -165,7 +140,7 @@ def test_tight_on_he_init_64_channel_kernels_against_a_continuous_maximisation(s
     start = time.process_time()  # CPU time: wall time on a shared machine says little
     bound = conv_norm_bound(w)
     elapsed = time.process_time() - start
-    fine = continuous_peak(w)
+    fine = frequency_response_peak(w)
     assert fine <= bound <= 1.001 * fine
     assert elapsed < 5  # ~0.1 s of one thread; benchmarks/results/bound.md has the real number
 

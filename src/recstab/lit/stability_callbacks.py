@@ -77,15 +77,18 @@ class StabilityMonitor(L.Callback):
         self.history: list[tuple[int, str, int]] = []  # (global step, verdict, TRF extent)
         self.last: dict = {}
         self.final: Measurements | None = None
+        self._video = None
 
     def _stream(self, model):
-        from recstab.data.long_video import LongVideo
-        settings = dict(self.long_video)
-        if settings.get("gray") is None:
-            settings["gray"] = traits(model).in_channels == 1
-        video = LongVideo(**settings)
-        video.probe()  # unreadable files named (or skipped with skip_bad) before streaming
-        return video
+        """The long video, opened and probed once (unreadable files named, or skipped with skip_bad)."""
+        if self._video is None:
+            from recstab.data.long_video import LongVideo
+            settings = dict(self.long_video)
+            if settings.get("gray") is None:
+                settings["gray"] = traits(model).in_channels == 1
+            self._video = LongVideo(**settings)
+            self._video.probe()
+        return self._video
 
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, spec) -> Measurements:
         dampening = _evaluation_setup(pl_module)

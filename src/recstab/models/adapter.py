@@ -228,6 +228,18 @@ class _Wrapper(VideoModel):
     def _lambda(self) -> float:
         return 1.0 if self.dampening is None else float(self.dampening)
 
+    def _output_and_state(self, out, x_shape: tuple, what: str):
+        """``out`` must be a pair (output of x's shape × scale, a next state that is not None)."""
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+            raise ValueError(f"{what} returned {got}; expected a pair (output, next state)")
+        y, state = out
+        self._check_output(y, x_shape, what)
+        if state is None:
+            raise ValueError(f"{what} returned the next state None: the next frames would start again from the "
+                             "initial state (return the state it carries)")
+        return y, state
+
     def _check_output(self, y, x_shape: tuple, what: str) -> None:
         """y must be x's shape with the spatial size × scale (x_shape: of a frame or a clip)."""
         want = (*x_shape[:-3], self.in_channels, x_shape[-2] * self.scale, x_shape[-1] * self.scale)
@@ -305,16 +317,7 @@ class StepModel(_Wrapper):
         if state is not None and self.dampening != 1:
             lam = self.dampening
             state = tree_map(lambda v: lam * v if torch.is_tensor(v) and v.is_floating_point() else v, state)
-        out = self.module(frame, state)
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
-            raise ValueError(f"the step module {self.name} returned {got}; expected a pair (output frame, next state)")
-        y, state = out
-        self._check_output(y, tuple(frame.shape), f"the step module {self.name}")
-        if state is None:
-            raise ValueError(f"the step module {self.name} returned the next state None: the next frame would "
-                             "start again from the initial state (return the state it carries)")
-        return y, state
+        return self._output_and_state(self.module(frame, state), tuple(frame.shape), f"the step module {self.name}")
 
     def _run_probe(self, x: torch.Tensor) -> None:
         y, _ = self.process(x)
@@ -356,16 +359,8 @@ class ClipModel(_Wrapper):
                 "clip; to stream, its forward must take and return a state: forward(x, state) -> (y, state), "
                 "wrapped with carries_state=True")
         self.check_input(x)
-        out = self.module(x, state)
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise ValueError(f"the clip module {self.name} (carries_state=True) returned a {type(out).__name__}; "
-                             "expected a pair (outputs, state)")
-        y, state = out
-        self._check_output(y, tuple(x.shape), f"the clip module {self.name}")
-        if state is None:
-            raise ValueError(f"the clip module {self.name} returned the state None (carries_state=True): return the "
-                             "state the next chunk continues from")
-        return y, state
+        return self._output_and_state(self.module(x, state), tuple(x.shape),
+                                      f"the clip module {self.name} (carries_state=True)")
 
     def _run_probe(self, x: torch.Tensor) -> None:
         self.forward(x)

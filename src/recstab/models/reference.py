@@ -257,3 +257,19 @@ def catalogue() -> list[Reference]:
         Reference("tanh latch w = 2 (bistable)", lambda: TanhLatch(2.0), math.nan, False),
         Reference("logistic map r = 4 (chaotic)", lambda: LogisticMap(4.0), log(2.0), False),
     ]
+
+
+def vresnet_feat(channels: int = 16, seed: int = 0, conv_norm: float | None = None) -> VideoModel:
+    """An untrained He-init VResNet-feat (proven unstable); ``conv_norm``: every conv rescaled to that
+    operator norm (FFT, 32×32), e.g. 0.5, which certifies it."""
+    from recstab.models import build_model
+    from recstab.norms import spectral_norm_fft
+
+    torch.manual_seed(seed)
+    model = build_model("vresnet", "feat", "denoise", channels)
+    if conv_norm is not None:
+        with torch.no_grad():
+            for conv in model.modules():
+                if isinstance(conv, nn.Conv2d):
+                    conv.weight.mul_(conv_norm / spectral_norm_fft(conv.weight, 32))
+    return model

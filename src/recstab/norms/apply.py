@@ -91,9 +91,9 @@ class WeightNorm:
             beta = getattr(self, "beta", 1.0)
             if beta < 1 and beta <= norm.beta_floor(conv.weight.detach()):
                 warnings.warn(f"conv {name!r}: beta={beta} is at or below {norm.beta_floor(conv.weight):.3g}, the "
-                              "share of the stable rank its rank-one part S1 alone takes at least; the weight becomes "
-                              "the constant alpha*S1 (no gradient, spectral norm not guaranteed). Raise beta or "
-                              "exclude the layer (loop_only=True or modules=[...])", stacklevel=2)
+                              "share of the stable rank its rank-one part S1 alone takes at least; the weight becomes its "
+                              "rank-one part scaled to norm alpha (beta cannot be reached). Raise beta or exclude "
+                              "the layer (loop_only=True or modules=[...])", stacklevel=2)
             parametrize.register_parametrization(conv, "weight", norm)
         return model
 

@@ -33,6 +33,8 @@ convolution of the torus), and `spectral_norm_power` runs the power iteration
 with them.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -156,3 +158,31 @@ def spectral_norm_power(weight: torch.Tensor, n: int, iters: int = 100,
             v = F.normalize(conv_circular_t(u, w).flatten(), dim=0).view(1, -1, n, n)
             u = F.normalize(conv_circular(v, w).flatten(), dim=0).view(1, -1, n, n)
         return conv_circular_t(u, w).norm().item()
+
+
+def frequency_response_peak(weight: torch.Tensor, starts: int = 5, grid: int = 64) -> float:
+    """A measured estimate of sup_ω σ₁(K̂(ω)) over continuous frequencies: the best `starts` points of a
+    grid×grid FFT spectrum, each climbed by L-BFGS on ω (autograd through svdvals); the largest local
+    maximum found, a LOWER estimate. Independent of :mod:`.bound` (tests and benchmarks check the bound
+    against it)."""
+    w = weight.double()
+    tops = torch.linalg.svdvals(torch.fft.fft2(w.float(), s=(grid, grid)).permute(2, 3, 0, 1))[..., 0]
+    kh, kw = w.shape[-2:]
+    a = torch.arange(kh, dtype=torch.float64)[:, None]
+    b = torch.arange(kw, dtype=torch.float64)[None, :]
+    best = 0.0
+    for flat in tops.flatten().topk(starts).indices.tolist():
+        omega = (2 * math.pi * torch.tensor(divmod(flat, grid), dtype=torch.float64)).div(grid).requires_grad_(True)
+        optimizer = torch.optim.LBFGS([omega], lr=0.5, max_iter=60, tolerance_grad=1e-14, tolerance_change=1e-16,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            block = (w.to(torch.complex128) * torch.exp(-1j * (omega[0] * a + omega[1] * b))).sum(dim=(-2, -1))
+            loss = -torch.linalg.svdvals(block)[0]
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        best = max(best, -closure().item())
+    return best
