@@ -270,6 +270,55 @@ def test_a_kill_during_a_section_keeps_the_sections_before_it(tmp_path, monkeypa
     assert (tmp_path / "r" / "trf_unbounded_sequence.pt").is_file()
 
 
+def test_ctrl_c_during_the_trf_then_resume_gives_the_uninterrupted_trf(tmp_path):
+    """A real SIGINT in the middle of the TRF search: its progress file holds X and Adam's state; the resumed
+    report's TRF is bit-identical to an uninterrupted one, and the progress file is gone once it ends."""
+    settings = dict(trf_kwargs=dict(frames=9, size=12, iters=24, replay_frames=64, progress_every=4),
+                    lyapunov_kwargs={"frames": 0}, spectra_n=None)
+    model = tiny(init="near_identity")
+    whole = stability_report(model, tmp_path / "whole", **settings)
+    calls = {"n": 0}
+
+    def ctrl_c_at_the_15th_call(module, args):
+        calls["n"] += 1
+        if calls["n"] == 15:
+            signal.raise_signal(signal.SIGINT)  # Python's own handler: KeyboardInterrupt, as from a terminal
+    hook = model.register_forward_pre_hook(ctrl_c_at_the_15th_call)
+    with pytest.raises(KeyboardInterrupt):
+        stability_report(model, tmp_path / "r", **settings)
+    hook.remove()
+    saved = torch.load(tmp_path / "r" / "trf_progress.pt", weights_only=True)
+    assert 0 < saved["next"] < 24 and saved["optimizer"]["state"]
+    resumed = stability_report(model, tmp_path / "r", **settings, resume=True)
+    assert not (tmp_path / "r" / "trf_progress.pt").exists()
+    assert torch.equal(resumed.trf.inputs, whole.trf.inputs) and torch.equal(resumed.trf.outputs, whole.trf.outputs)
+    assert np.array_equal(resumed.trf.influence, whole.trf.influence)
+    assert resumed.trf.p_history == whole.trf.p_history and resumed.trf.verdict == whole.trf.verdict
+
+
+def test_a_trf_progress_file_of_other_settings_is_refused_naming_them(tmp_path):
+    from recstab.diagnostics import ResumeMismatch, temporal_receptive_field
+
+    model = tiny(init="near_identity")
+    path = tmp_path / "trf_progress.pt"
+    calls = {"n": 0}
+
+    def stop(module, args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+    hook = model.register_forward_pre_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        temporal_receptive_field(model, frames=9, size=12, iters=20, replay_frames=0, progress=path, progress_every=2)
+    hook.remove()
+    with pytest.raises(ResumeMismatch, match=r"size: saved 12, now 16"):
+        temporal_receptive_field(model, frames=9, size=16, iters=20, replay_frames=0, progress=path, progress_every=2,
+                                 resume=True)
+    with pytest.raises(ResumeMismatch, match=r"model: saved"):
+        temporal_receptive_field(tiny(seed=1, init="near_identity"), frames=9, size=12, iters=20, replay_frames=0,
+                                 progress=path, progress_every=2, resume=True)
+
+
 # ---------------------------------------------------------------------------------- whose diagnosis is it
 def test_a_resumed_diagnosis_never_mixes_two_models(tmp_path):
     """Model A's report folder, resumed with model B: refused before anything is measured, naming the difference;

@@ -11,6 +11,7 @@
 - :mod:`recstab.models.certificate`: ``loop_certificate(model)``, the proven bound of the loop;
 - :mod:`.figure2`: untrained models of every temporal connection on random input;
 - :mod:`.engine`: each measurement's function and metrics, and the verdict rule (``decide``);
+- :mod:`.workfiles`: resumable work files keyed by what they measured (``ResumeMismatch`` otherwise);
 - :mod:`.measure`: ``measure(model, spec) -> Measurements``, the one driver every caller uses;
 - :mod:`.report`: a measurement written section by section into a report folder (``src/diagnose.py``).
 
@@ -25,6 +26,7 @@ from recstab.diagnostics.measure import SECTIONS, Diagnostic, Measurements, Meas
 from recstab.diagnostics.report import VERDICTS, StabilityReport, conv_spectra, stability_report
 from recstab.diagnostics.lyapunov import LyapunovResult, lyapunov_exponent
 from recstab.diagnostics.trf import TRFResult, temporal_receptive_field
+from recstab.diagnostics.workfiles import ResumeMismatch, model_fingerprint
 from recstab.models.certificate import (LoopCertificate, chain_certificate, default_conv_norm, loop_certificate,
                                         triangular_certificate)
 
@@ -32,4 +34,4 @@ __all__ = ["demonstrate", "replay", "Demonstration", "measure", "MeasureSpec", "
            "instability_onsets", "OnsetResult", "deciles",
            "BurstProcessor", "burst_process", "stability_report", "StabilityReport", "VERDICTS",
            "conv_spectra", "figure2", "Figure2Result", "loop_certificate", "LoopCertificate",
-           "chain_certificate", "triangular_certificate", "default_conv_norm"]
+           "chain_certificate", "triangular_certificate", "default_conv_norm", "ResumeMismatch", "model_fingerprint"]

@@ -20,7 +20,7 @@ certificate L̂), ``trf`` (the TRF stress test), ``lyapunov`` (λ₁ of the stat
 frames of the stream), ``onsets`` (the long-video onset test). A section the spec leaves out
 (``None`` / false) is not run; a section that raises is recorded (``errors``) and the others
 still run. Nothing here logs to W&B or writes files except the resumable work files of a
-``workdir`` (``trf.pt``, ``onsets_progress.pt``).
+``workdir`` (``trf.pt``, ``trf_progress.pt``, ``onsets_progress.pt``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch import nn
 
 from recstab.diagnostics import engine
 from recstab.diagnostics.onsets import BurstProcessor
+from recstab.diagnostics.workfiles import ResumeMismatch, mismatch, model_fingerprint  # noqa: F401 (ResumeMismatch: public here)
 from recstab.models.dampening import evaluating
 from recstab.models.interface import traits
 
@@ -68,7 +69,8 @@ class MeasureSpec:
                                            or self.spectra_n < 1):
             raise ValueError(f"spectra_n must be an int >= 1 or null (off), got {self.spectra_n!r}")
         # the settings a preset may hold (the rest is the caller's: model, input, noise, dampening, files)
-        allowed = {"trf": set(inspect_parameters(temporal_receptive_field)) - {"model", "dampening", "device"},
+        allowed = {"trf": set(inspect_parameters(temporal_receptive_field)) - {"model", "dampening", "device",
+                                                                             "progress", "resume", "context"},
                    "lyapunov": set(inspect_parameters(lyapunov_exponent)) - {"model", "sigma", "dampening", "device"}
                    | {"size"},
                    "onsets": {"chunk", "seed", "max_frames", "prefetch", "progress_every"}}
@@ -224,7 +226,8 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
         burst, overlap: measure the model run burst by burst (appendix E).
         onset_streams: several streams for the onset test, pooled (default ``[clean_frames]``).
         workdir: folder of the resumable work files (``trf.pt``: the TRF's result, reused on resume
-            when its settings are these; ``onsets_progress.pt``).
+            when its settings are these; ``trf_progress.pt``: a TRF search in progress, continued on
+            resume; ``onsets_progress.pt``).
         resume: continue from the work files.
         done: measurements already made (sections with status done are not measured again).
         on_section: called after every section with its name and the measurements so far.
@@ -256,7 +259,9 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
             return "skipped: the model has no parameters (nothing to search)"
         result.trf = saved_trf
         if result.trf is None:
-            result.trf = engine.trf(subject, **spec.trf)
+            work = workdir / "trf_progress.pt" if workdir is not None else None
+            result.trf = engine.trf(subject, **spec.trf, progress=work, resume=resume,
+                                    context={"burst": burst, "overlap": overlap})
             if workdir is not None:
                 torch.save({"key": trf_id, "result": _fields(result.trf)}, workdir / "trf.pt")
 
@@ -381,14 +386,8 @@ def _fields(result) -> dict:
 
 def trf_key(model: nn.Module, settings: dict, dampening, burst, overlap) -> dict:
     """What a TRF result depends on: the weights (their hash), the dampening, the burst processing, the settings."""
-    from recstab.diagnostics.onsets import model_fingerprint
-
     return {"model": model_fingerprint(model), "dampening": traits(model).dampening if dampening is None
             else float(dampening), "burst": burst, "overlap": overlap, **dict(settings)}
-
-
-class ResumeMismatch(ValueError):
-    """A work file of another measurement: never reused; the message names the difference."""
 
 
 def _load_trf(workdir: Path, key: dict):
@@ -400,17 +399,11 @@ def _load_trf(workdir: Path, key: dict):
         return None
     saved = torch.load(path, weights_only=False)  # written by measure() itself, next to the report
     old = saved.get("key") or {"settings": saved.get("settings")}
-    differ = [k for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)]
-    if differ:
-        named = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(key.get(k))}" for k in differ)
+    named = mismatch(old, key)
+    if named:
         raise ResumeMismatch(f"{path} holds the TRF of another measurement ({named}); it is not reused. Resume "
                              "in the folder of this model's diagnosis, or start afresh (resume=false).")
     try:
         return TRFResult(**saved["result"])
     except TypeError:  # written by another version of TRFResult
         return None
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 20 else text[:12] + "…"

@@ -61,10 +61,8 @@ Coping strategies of section 3.4 usable here (and in the report):
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import os
 import queue
 import threading
 import time
@@ -77,6 +75,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from recstab.diagnostics.workfiles import PROGRESS_VERSION, load_progress, model_fingerprint, save_progress
 from recstab.models.dampening import evaluating
 from recstab.models.interface import traits
 
@@ -377,20 +376,6 @@ class _Prefetcher:
 
 
 # ---------------------------------------------------------------------- progress (resumable runs)
-PROGRESS_VERSION = 1
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-1 of the model's state_dict (names, shapes, bytes): a resumed run must stream the same model."""
-    digest = hashlib.sha1()
-    for name, value in model.state_dict().items():
-        if torch.is_tensor(value):
-            digest.update(name.encode())
-            digest.update(str(tuple(value.shape)).encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _to_device(state, device):
     if torch.is_tensor(state):
         return state.to(device)
@@ -399,31 +384,6 @@ def _to_device(state, device):
     if isinstance(state, (list, tuple)):
         return type(state)(_to_device(v, device) for v in state)
     return state
-
-
-def save_progress(path: Path, progress: dict) -> None:
-    """Atomic write: torch.save to a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(progress, tmp)
-    os.replace(tmp, path)
-
-
-def load_progress(path: Path, identity: dict, device) -> dict | None:
-    """The progress of a killed run with the same `identity`; None when there is none."""
-    if not path.is_file():
-        return None
-    progress = torch.load(path, map_location=device, weights_only=True)
-    if progress.get("version") != PROGRESS_VERSION:
-        raise ValueError(f"{path}: progress file version {progress.get('version')!r}, this code writes "
-                         f"{PROGRESS_VERSION}: delete it to start over")
-    saved = progress["identity"]
-    differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-    if differ:
-        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {identity.get(k)!r}" for k in differ)
-        raise ValueError(f"cannot resume from {path}: the run differs ({detail}). Use the same settings, "
-                         "or resume=false to start over")
-    return progress
 
 
 def _stream_identity(clean_frames) -> str:

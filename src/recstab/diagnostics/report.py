@@ -54,7 +54,8 @@ from recstab.diagnostics import engine
 from recstab.diagnostics.engine import VERDICTS, ConvSpectra, conv_spectra
 from recstab.diagnostics.measure import SECTIONS, Measurements, MeasureSpec, ResumeMismatch, as_spec, measure
 from recstab.diagnostics.demonstration import replay
-from recstab.diagnostics.onsets import DIVERGENCE_RATIO, BurstProcessor, model_fingerprint
+from recstab.diagnostics.onsets import DIVERGENCE_RATIO, BurstProcessor
+from recstab.diagnostics.workfiles import model_fingerprint
 from recstab.diagnostics.trf import TRFResult
 from recstab.models.interface import traits
 

@@ -72,6 +72,15 @@ spectral radius ≤ 1, see that module). The verdict:
   budget without reaching a demonstration (h = h + x grows like t; a = 1.0005 needs ~55k frames),
   or the influence of x_-τ fills the window and decays too slowly to resolve (h = 0.999·h + x).
 
+Resumable runs. With ``progress=<file>`` the search writes, every ``progress_every`` (10)
+iterations and atomically, the iteration reached, X, Adam's state and the |p| history (the
+whole state of the search: nothing else is random after the seeded start); ``resume=True``
+loads it and continues, so an interrupted search ends bit-identical to an uninterrupted one.
+The file holds the identity of the search (the model's weights hash, every setting, the
+dampening, and what the caller adds in ``context``); another identity is refused, naming
+what differs (:class:`recstab.diagnostics.workfiles.ResumeMismatch`). The file is deleted
+once the search ends.
+
 ``stopped_early`` and ``reason`` say what ended the search and why the verdict; ``replay_growth``
 is the replay's second-half growth factor (∞ when it diverged). τ ≥ 3 (frames ≥ 7) is needed to
 fit a future rate at all.
@@ -97,6 +106,7 @@ from torch.nn.utils import parametrize
 
 from recstab.diagnostics.demonstration import MIN_PERIODS, REPLAY_FRAMES, Demonstration, demonstrate
 from recstab.diagnostics.lyapunov import jvp
+from recstab.diagnostics.workfiles import PROGRESS_VERSION, load_progress, model_fingerprint, save_progress
 from recstab.models.dampening import evaluating
 from recstab.models.interface import traits
 
@@ -296,7 +306,9 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
                              lr: float = LR, seed: int = 0, threshold: float = THRESHOLD,
                              growth_tol: float = GROWTH_TOL, check_every: int = CHECK_EVERY,
                              channels: int | None = None, dampening: float | None = None,
-                             replay_frames: int = REPLAY_FRAMES, device=None) -> TRFResult:
+                             replay_frames: int = REPLAY_FRAMES, device=None,
+                             progress: str | Path | None = None, progress_every: int = 10,
+                             resume: bool = False, context: dict | None = None) -> TRFResult:
     """Run the TRF stress test on any ``nn.Module`` with the sequence API ``model(x)``.
 
     Args:
@@ -314,6 +326,11 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
         replay_frames: frame budget of the final replay of X (periodically extended); 0: no replay
             (then the verdict is never "bounded": no growth was looked for).
         device: default the device of the model's parameters.
+        progress: file the search state is written to every ``progress_every`` iterations
+            (deleted when the search ends); None: nothing is written.
+        resume: continue from ``progress`` when it holds this search (same model, settings, context).
+        context: what else the result depends on (e.g. the input description, burst processing):
+            part of the identity checked on resume.
     """
     if frames < 3 or frames % 2 == 0:
         raise ValueError(f"frames must be odd and >= 3 (2·tau+1, 81 in the paper), got {frames}")
@@ -329,6 +346,10 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
         raise ValueError(f"check_every must be >= 1 iteration, got {check_every}")
     if replay_frames < 0:
         raise ValueError(f"replay_frames is a frame budget >= 0 (e.g. {REPLAY_FRAMES}), got {replay_frames}")
+    if progress_every < 1:
+        raise ValueError(f"progress_every must be >= 1 iteration, got {progress_every}")
+    if resume and progress is None:
+        raise ValueError("resume=True needs progress=<file> to resume from")
     tau = (frames - 1) // 2
     c = _in_channels(model, channels)
     if device is None:
@@ -338,6 +359,19 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     x = torch.rand(1, frames, c, size, size, generator=generator).to(device).requires_grad_(True)
     v = torch.randn(1, c, size, size, generator=generator).to(device)
     optimizer = torch.optim.Adam([x], lr=lr)
+    progress = None if progress is None else Path(progress)
+    identity = {"model": model_fingerprint(model), "frames": frames, "size": size, "iters": iters, "lr": lr,
+                "seed": int(seed), "threshold": threshold, "growth_tol": growth_tol, "check_every": check_every,
+                "channels": c, "replay_frames": replay_frames, "progress_every": progress_every,
+                "dampening": traits(model).dampening if dampening is None else float(dampening),
+                **(context or {})}
+    first, p_history, elapsed = 0, [], 0.0
+    saved = load_progress(progress, identity, device) if resume else None
+    if saved is not None:
+        with torch.no_grad():
+            x.copy_(saved["x"])
+        optimizer.load_state_dict(saved["optimizer"])
+        first, p_history, elapsed = int(saved["next"]), list(saved["p_history"]), float(saved["seconds"])
 
     def grows(rate: float, se: float) -> bool:
         return rate - 2 * se > growth_tol
@@ -348,11 +382,10 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
     # subnormal floats, which x86 CPUs process ~100x slower (a TRF ran 2.2x slower):
     # flush them to zero during the test (influence below 1e-38 of ‖∂p/∂x‖ is 0 anyway).
     flush = torch.set_flush_denormal(True)
-    start = time.perf_counter()
-    p_history: list[float] = []
+    start = time.perf_counter() - elapsed
     note, grad, y, response, demo = "", None, None, None, None
     try:
-        for it in range(iters):
+        for it in range(first, iters):
             grad, response = None, None  # everything is measured at the X of the last forward pass
             with parametrize.cached():
                 y = model(x)
@@ -386,6 +419,10 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
             optimizer.step()
             with torch.no_grad():
                 x.clamp_(0, 1)
+            if progress is not None and (it + 1) % progress_every == 0:
+                save_progress(progress, {"version": PROGRESS_VERSION, "identity": identity, "next": it + 1,
+                                         "x": x.detach().cpu(), "optimizer": optimizer.state_dict(),
+                                         "p_history": p_history, "seconds": time.perf_counter() - start})
         if grad is not None and response is None:  # the future response at the final X
             response = _future_response(model, x.detach(), v)
         if demo is None and replay_frames > 0:
@@ -395,6 +432,8 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
             torch.set_flush_denormal(False)  # PyTorch's default
         scope.close()
     seconds = time.perf_counter() - start
+    if progress is not None:
+        progress.unlink(missing_ok=True)
 
     if grad is not None:
         energy = grad.detach().double().pow(2).flatten(2).sum(dim=(0, 2)).cpu().numpy()
