@@ -357,14 +357,56 @@ def test_the_report_is_named_from_the_checkpoints_own_model(tmp_path, repo_root)
 
 
 @pytest.mark.slow
-def test_user_errors_are_one_line_without_a_traceback(tmp_path, run_script):
+def test_user_errors_are_one_line_without_a_traceback(tmp_path, run_script, write_video):
     torch.save(tiny().state_dict(), tmp_path / "plain.pt")
+    short = write_video(tmp_path / "short.mp4", frames=4)
     for args, words in ((["ckpt_path=nope.ckpt"], "does not exist"),
                         ([f"ckpt_path={tmp_path / 'plain.pt'}"], "not a checkpoint of src/train.py"),
-                        (["long_video.paths_or_folder=/no/such/videos"], "not found")):
+                        (["long_video.paths_or_folder=/no/such/videos"], "not found"),
+                        ([f"long_video.paths_or_folder={short}", "long_video.loop_to=null"],
+                         "λ₁ needs at least 15 frames (a burn-in of 5, then 10 for its error bar), the video has 4"),
+                        ([f"long_video.paths_or_folder={short}", "long_video.gray=true"],
+                         "the video's frames have 1 channel(s), the model expects 3")):
         result = run_script("diagnose.py", [*args, f"hydra.run.dir={tmp_path / 'run'}", "diagnostics=smoke"], tmp_path)
         assert result.returncode != 0
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("Error: ") and words in lines[-1], result.stderr[-2000:]
         assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
         assert not list((tmp_path / "run").glob("wandb/*run-*"))  # refused before any W&B run exists
+
+
+# ---------------------------------------------------------------------------------- what the model is fed
+def test_grey_and_odd_sized_video_is_measured_and_said_with_the_input_psnr(tmp_path, write_video):
+    """A greyscale 61×97 video into an RGB model: measured at its own size, the report says it is grey and gives
+    its size; the degraded input's PSNR (σ = 30: 20·log10(255/30) = 18.59 dB where nothing clips) is beside the
+    output's."""
+    video = write_video(tmp_path / "grey.mp4", frames=40, height=61 + 3, width=97 + 3, level=90)
+    frames = LongVideo(video, crop=(61, 97), loop_to=None)
+    report = stability_report(tiny(), tmp_path / "r", clean_frames=frames, trf_kwargs=None,
+                              lyapunov_kwargs=LYAP, spectra_n=None, onset_kwargs={"max_frames": 40})
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert data["settings"]["input"]["frame_size"] == [61, 97] and data["settings"]["input"]["channels"] == 3
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "40 frames of 61×97, 3 channel(s)" in text and "the video is greyscale (R = G = B" in text
+    assert report.onsets.frames == 40 and np.median(report.onsets.input_psnr) == pytest.approx(18.59, abs=0.1)
+    assert report.measurements.metrics["long/input_psnr_mean"] == pytest.approx(
+        float(np.mean(report.onsets.input_psnr)), rel=1e-6)
+    assert "degraded input" in text
+
+
+def test_channel_mismatch_and_short_video_are_refused_before_anything_runs(tmp_path):
+    from recstab.diagnostics.measure import MeasureSpec, check_input
+
+    spec = MeasureSpec(name="t", lyapunov={"frames": 120, "burn_in": 20})
+    rgb = list(torch.rand(200, 3, 8, 8))
+    with pytest.raises(ValueError, match="the video's frames have 3 channel.*expects 1: convert to luma"):
+        check_input(build_model("vresnet", "feat", "denoise", 8, in_channels=1), spec, rgb)
+    with pytest.raises(ValueError, match="λ₁ needs at least 30 frames .* the video has 29"):
+        check_input(tiny(), spec, rgb[:29])
+    assert check_input(tiny(), spec, rgb[:30])["notes"] == [
+        "λ₁ is measured on the video's 30 frames (diagnostics.lyapunov.frames asks for 120)",
+        "λ₁ is fitted on 10 frames after the burn-in (fewer than 30): a plain mean, no fit of a transient"]
+    with pytest.raises(ValueError, match="shorter than the burst window"):
+        check_input(tiny(), spec, rgb[:30], burst=40)
+    sr = build_model("vresnet", "feat", "sr2", 8)
+    assert "cropped to 8×10" in check_input(sr, spec.only("onsets"), list(torch.rand(5, 3, 9, 11)))["notes"][0]

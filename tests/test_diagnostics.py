@@ -195,7 +195,7 @@ def test_srnc_half_is_bounded_and_certified(tmp_path):
 def test_report_writes_its_files_and_an_unstable_verdict(tmp_path):
     pytest.importorskip("recstab.norms")
     model = tiny("feat")
-    report = stability_report(model, tmp_path / "he", clean_frames=frames(12, size=16),
+    report = stability_report(model, tmp_path / "he", clean_frames=frames(16, size=16),
                               trf_kwargs=dict(frames=21, size=8, iters=2), spectra_n=8,
                               lyapunov_kwargs=dict(frames=20, size=8, burn_in=5))
     assert report.verdict == "proven unstable" and report.bound > 1 and report.trf.verdict == "unbounded"
@@ -340,7 +340,7 @@ def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, tw
     spec.loader.exec_module(cli)
     small = ["model.channels=4", "diagnostics.trf.frames=11", "diagnostics.trf.size=8", "diagnostics.trf.iters=2",
              "diagnostics.onsets.max_frames=6", f"long_video.paths_or_folder={two_videos_dir}",
-             "long_video.loop_to=null", "diagnostics.spectra_n=8", "diagnostics.lyapunov.frames=20",
+             "long_video.loop_to=20", "diagnostics.spectra_n=8", "diagnostics.lyapunov.frames=20",
              "diagnostics.lyapunov.size=8", "diagnostics.lyapunov.burn_in=5",
              "wandb.enabled=false", f"paths.log_dir={tmp_path}"]
     report = cli.run_report(compose("diagnose", small + ["norm=srnc", "norm.alpha=0.5", "norm.beta=1.0",

@@ -136,6 +136,33 @@ def test_cli_writes_both_reports_and_loadable_checkpoints(tmp_path):
             assert data["after"]["certified"] and data["after"]["verdict"] == "certified stable"
 
 
+@pytest.mark.slow
+def test_cli_certified_finetune_ends_certified_at_rho_with_before_after_figure(tmp_path):
+    """method=certify: the unstable He-init model, fine-tuned under norm=certified at rho 0.8, ends with a loop
+    certificate <= 0.8 recomputed from the saved checkpoint alone; report.png holds the before/after figure."""
+    ckpt = save_checkpoint(he_module(), tmp_path / "he.ckpt")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "src" / "stabilise.py"), f"ckpt_path={ckpt}", f"hydra.run.dir={out}",
+           "method=certify", "certify.rho=0.8", "data.crop=16", "data.batch_size=2", "data.val_length=2",
+           "data.train_length=4", "val_batches=1", "finetune.steps=3", "diagnostics=smoke",
+           "diagnostics.trf.iters=10", "long_video.loop_to=40"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads((out / "certify" / "report.json").read_text())
+    assert data["before"]["verdict"] == "proven unstable" and data["before"]["bound"] > 1
+    assert data["after"]["certified"] and data["after"]["bound"] <= 0.8 and data["after"]["verdict"] == "certified stable"
+    assert data["at_load"]["bound"] <= 0.8  # certified from the first step on, not only after training
+    assert len(data["after"]["psnr"]) == 3 and math.isfinite(data["after"]["psnr_7"])
+    loaded = VideoRestorationModule.load_from_checkpoint(str(out / "certify" / "finetuned.ckpt"), map_location="cpu")
+    assert loaded.hparams.norm["name"] == "certified" and loaded.hparams.norm["rho"] == 0.8
+    certificate = loop_certificate(loaded.model)
+    assert certificate.certified and certificate.bound <= 0.8
+    assert "Certified at ρ = 0.8" in (out / "certify" / "report.md").read_text()
+    from PIL import Image
+    assert Image.open(out / "certify" / "report.png").size[0] > 600
+
+
 def test_cli_names_a_missing_checkpoint(tmp_path):
     cmd = [sys.executable, str(ROOT / "src" / "stabilise.py"), f"ckpt_path={tmp_path / 'nope.ckpt'}",
            f"hydra.run.dir={tmp_path}"]

@@ -3,11 +3,13 @@
     python src/stabilise.py ckpt_path=logs/laptop/multiruns/<time>/0_.../checkpoints/last.ckpt
     python src/stabilise.py ckpt_path=<ckpt> method=dampening dampening.margin=0.1
     python src/stabilise.py ckpt_path=<ckpt> method=finetune finetune.steps=500 finetune.norm.alpha=1
+    python src/stabilise.py ckpt_path=<ckpt> method=certify certify.rho=0.95
 
-Root config: conf/stabilise.yaml. Two remedies for a model that is proven unstable (or merely
+Root config: conf/stabilise.yaml. Three remedies for a model that is proven unstable (or merely
 not certified), each writing a new checkpoint and a before/after report (``report.md``,
 ``report.json``: PSNR_7 on the validation clips, verdict, certified bound L̂, Lyapunov exponent
-λ₁, TRF verdict and extent) under ``${hydra:runtime.output_dir}/<method>/``.
+λ₁, TRF verdict and extent; ``report.png``: PSNR per frame, L̂ and λ₁ before and after) under
+``${hydra:runtime.output_dir}/<method>/``.
 
 (a) Feature dampening (appendix F of the paper). Scaling every fed-back signal by λ scales
     the recurrent kernels: (λK) * h = K * (λh). Every term of the loop bound is linear in
@@ -32,7 +34,16 @@ not certified), each writing a new checkpoint and a before/after report (``repor
     hyperparameters with the norm replaced (default SRN-C α=0.9 β=1 on the loop's convs, the
     Hard Lipschitz constraint, which certifies; or α=2 β=0.1, the Soft one), load the trained kernels as the raw
     (pre-normalisation) weights, re-converge the power vectors (``recstab.norms.refresh``:
-    loaded plain weights leave them stale) and train K more steps on the same data.
+    loaded plain weights leave them stale) and train K more steps on the same data. SRN-C at α < 1
+    on the loop's convs certifies recurrence feat (each block's self-loop is bounded by α², VDnCNN
+    α) and frame or rlsp with VDnCNN layers (a chain of convs, α^(D+2)); not frame or rlsp with
+    VResNet layers (a residual block is bounded by 1 + α², above 1 for every α): there use (c).
+
+(c) Certified fine-tuning: (b) with ``recstab.norms.CertifiedLoop(rho)`` (``norm=certified``):
+    the slices through which the state enters the loop are normalised so that the loop
+    certificate is ≤ ρ from the weights alone, at load and after every step, for recurrences feat,
+    frame, rlsp and birlsp of both backbones; the model ends certified at ρ by construction, and
+    the report says what the fine-tune recovered of the PSNR.
 
 Every measurement is one :func:`recstab.diagnostics.measure` with the ``diagnostics`` spec (the
 preset the training monitor, src/diagnose.py and the sweeps use): its certificate L̂ (proven for
@@ -53,7 +64,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dampening", "finetune", "both")
+METHODS = ("dampening", "finetune", "certify", "both")  # both: dampening and finetune
 SELECT = ("auto", "certified", "empirical")
 
 
@@ -244,9 +255,36 @@ def write_report(out_dir: Path, title: str, before: Measurement, after: Measurem
     md += [""] + list(lines or [])
     data = {"title": title, "before": {**asdict(before), "psnr_7": before.psnr_7},
             "after": {**asdict(after), "psnr_7": after.psnr_7}, **extra}
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+    (out_dir / "report.md").write_text("\n".join(md + ["", "![before and after](report.png)"]) + "\n")
     (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=engine.json_value))
+    before_after_figure(out_dir / "report.png", title, before, after)
     return data
+
+
+def before_after_figure(path: Path, title: str, before: Measurement, after: Measurement) -> Path:
+    """report.png: validation PSNR per frame, the certified bound L̂ and λ₁, before and after."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curve, bound, lyap) = plt.subplots(1, 3, figsize=(11, 3.2), gridspec_kw={"width_ratios": [2, 1, 1]})
+    for m, label, color in ((before, "before", "C3"), (after, "after", "C0")):
+        if m.psnr:
+            curve.plot(range(1, len(m.psnr) + 1), m.psnr, marker="o", color=color, label=label)
+    curve.set(xlabel="frame of the validation clip", ylabel="PSNR (dB)", title="validation PSNR per frame")
+    curve.legend(fontsize=8)
+    for ax, key, label in ((bound, "bound", "certified bound L̂"), (lyap, "lyapunov", "Lyapunov λ₁ (per frame)")):
+        values = [getattr(before, key), getattr(after, key)]
+        ax.bar(["before", "after"], [v if math.isfinite(v) else 0.0 for v in values], color=["C3", "C0"])
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (i, v if math.isfinite(v) else 0.0), ha="center", va="bottom", fontsize=8)
+        ax.axhline(1.0 if key == "bound" else 0.0, color="k", lw=0.7, ls="--")
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def stabilise_dampening(module, measure_lam, datamodule, cfg: DictConfig, out_dir: Path, ckpt: dict) -> dict:
@@ -282,15 +320,21 @@ def stabilise_dampening(module, measure_lam, datamodule, cfg: DictConfig, out_di
                          "trials": [asdict(m) for m in search.trials], "checkpoint": str(ckpt_out)}, lines)
 
 
+def certified_norm(rho: float) -> dict:
+    """The norm of (c): conf/norm/certified.yaml at ``rho``."""
+    return {"_target_": "recstab.norms.certified.CertifiedLoop", "name": "certified", "rho": float(rho)}
+
+
 def stabilise_finetune(module, measure_lam, datamodule, data_cfg: dict, cfg: DictConfig, out_dir: Path,
-                       ckpt: dict) -> dict:
+                       ckpt: dict, norm: dict | None = None) -> dict:
+    """(b), or (c) with ``norm=certified_norm(rho)``: fine-tune ``cfg.finetune.steps`` steps under ``norm``."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
     f = cfg.finetune
     before = measure_lam(module.model, 1.0)
     before.psnr = validation_psnr(module.model, datamodule, 1.0, cfg.val_batches)
-    norm = OmegaConf.to_container(f.norm, resolve=True)
+    norm = OmegaConf.to_container(f.norm, resolve=True) if norm is None else dict(norm)
     tuned = normalised_module(dict(ckpt["hyper_parameters"]), ckpt["state_dict"], norm, lr=float(f.lr),
                               lr_schedule=str(f.lr_schedule), dampening=1.0)
     at_load = measure_lam(tuned.model, 1.0)
@@ -312,8 +356,12 @@ def stabilise_finetune(module, measure_lam, datamodule, data_cfg: dict, cfg: Dic
              "", "Right after loading the kernels into the normalised model (before any step): "
              f"PSNR_7 {at_load.psnr_7:.2f} dB, {at_load.verdict}, L̂ {at_load.bound:.3g}, "
              f"λ₁ {at_load.lyapunov:+.3f}.", "", f"checkpoint: `{ckpt_out}`"]
-    return write_report(out_dir, f"Fine-tuning ({norm.get('name')} α={norm.get('alpha')} "
-                                 f"β={norm.get('beta')}, {int(f.steps)} steps)", before, after,
+    what = (f"ρ={norm.get('rho')}" if norm.get("name") == "certified"
+            else f"α={norm.get('alpha')} β={norm.get('beta')}")
+    if norm.get("name") == "certified":
+        lines.insert(1, f"Certified at ρ = {norm['rho']}: L̂ = {after.bound:.4g} ≤ ρ, recomputed from the fine-tuned "
+                        "weights alone (a theorem); it held at every step by construction.")
+    return write_report(out_dir, f"Fine-tuning ({norm.get('name')} {what}, {int(f.steps)} steps)", before, after,
                         {"at_load": {**asdict(at_load), "psnr_7": at_load.psnr_7}, "norm": norm,
                          "steps": int(f.steps), "checkpoint": str(ckpt_out), "data": data_cfg}, lines)
 
@@ -358,4 +406,11 @@ def stabilise(cfg: DictConfig, out_dir: Path) -> dict:
         reports["finetune"] = stabilise_finetune(module, measure_lam, datamodule, data_cfg, cfg,
                                                  out_dir / "finetune", ckpt)
         log.info("finetune: %s", (out_dir / "finetune" / "report.md").read_text())
+    if cfg.method == "certify":
+        rho = float(cfg.certify.rho)
+        if not 0 < rho < 1:
+            raise ValueError(f"certify.rho must be in (0, 1) (the certified contraction factor), got {rho}")
+        reports["certify"] = stabilise_finetune(module, measure_lam, datamodule, data_cfg, cfg, out_dir / "certify",
+                                                ckpt, norm=certified_norm(rho))
+        log.info("certify: %s", (out_dir / "certify" / "report.md").read_text())
     return reports

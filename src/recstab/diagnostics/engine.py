@@ -29,6 +29,7 @@ key                                 meaning
 ``long/input_nonfinite``            input frames with a NaN/Inf (instabilities of the input)
 ``long/frames``, ``long/fps``       frames streamed, frames per second (decode included)
 ``long/psnr_mean``                  mean finite PSNR over the stream (raw output)
+``long/input_psnr_mean``            mean PSNR of the degraded input (bicubic-upsampled for SR) over it
 ==================================  =============================================================
 
 Strings (not metrics) go with them in summaries: ``stability/verdict``, ``stability/trf_verdict``,
@@ -266,13 +267,16 @@ def onset_metrics(results) -> dict:
     d1, d9 = deciles(pooled)
     psnr = np.concatenate([r.psnr for r in results])
     finite = psnr[np.isfinite(psnr)]
+    seen = np.concatenate([r.input_psnr for r in results])
+    seen = seen[np.isfinite(seen)]
     frames = sum(r.frames for r in results)
     seconds = sum(r.seconds for r in results)
     return {"long/onset_d1": float(d1), "long/onset_d9": float(d9), "long/n_onsets": float(len(pooled)),
             "long/n_divergences": float(sum(sum(r.divergent) for r in results)),
             "long/input_nonfinite": float(sum(len(r.input_nonfinite_frames) for r in results)),
             "long/frames": float(frames), "long/fps": frames / seconds if seconds > 0 else math.inf,
-            "long/psnr_mean": float(finite.mean()) if len(finite) else math.nan}
+            "long/psnr_mean": float(finite.mean()) if len(finite) else math.nan,
+            "long/input_psnr_mean": float(seen.mean()) if len(seen) else math.nan}
 
 
 # ---------------------------------------------------------------------- the verdict

@@ -170,6 +170,7 @@ class Measurements:
     sections: dict = field(default_factory=dict)  # section -> {"status": done|skipped: why|failed, "seconds", "error"}
     finite_memory: int | None = None        # burst length when the model was measured burst by burst
     extra: dict = field(default_factory=dict)  # name -> the metrics of a diagnostic of your own
+    input: dict = field(default_factory=dict)  # the video as the model sees it (check_input): frames, size, notes
 
     def decide(self) -> None:
         """(Re)compute the verdict and the notes from what is measured (:func:`engine.decide`)."""
@@ -241,6 +242,11 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
     workdir = None if workdir is None else Path(workdir)
     streams = list(onset_streams) if onset_streams is not None else ([clean_frames] if clean_frames is not None
                                                                       else [])
+
+    # the video against the model and the spec: refused (ValueError) before anything is measured
+    result.input = check_input(model, spec, streams[0] if streams else None, task=task, burst=burst)
+    for note in result.input.get("notes", []):
+        log.warning("input: %s", note)
 
     # a resumed TRF must be this model's, at these settings: refused before anything is measured
     trf_id = trf_key(model, spec.trf, dampening, burst, overlap) if spec.trf is not None else None
@@ -326,6 +332,79 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
             bar.close()
     result.decide()
     return result
+
+
+def check_input(model: nn.Module, spec: MeasureSpec, stream, *, task: str | None = None,
+                burst: int | None = None) -> dict:
+    """The video as the model will see it, checked before anything is measured.
+
+    Returns {"frames", "frame_size" (H, W), "channels", "notes"}: ``notes`` say, in words, every
+    conversion the measurement makes (they go into the report):
+
+    - greyscale frames (R = G = B) into an RGB model: fed as they are, grey on three channels;
+    - frames converted to one luma channel (``LongVideo(gray=True)``) for a 1-channel model;
+    - a frame size that is not a multiple of the SR scale: cropped to one (top-left);
+    - a video shorter than λ₁'s clip: λ₁ on the frames there are (a plain mean when few).
+
+    Refused (ValueError naming the value and what is valid): frames whose channels differ from the
+    model's (3 into 1: ``long_video.gray=true`` converts; 1 into 3: decode as RGB), a video shorter than
+    λ₁'s burn-in plus the frames its error bar needs, or than the burst window. A one-shot iterator is not
+    read (nothing can be checked without consuming it).
+    """
+    from recstab.data.degradations import Degradation
+    from recstab.diagnostics.lyapunov import BATCHES, BURN_IN
+
+    if stream is None:
+        return {}
+    try:
+        frames = len(stream)
+    except TypeError:
+        frames = None
+    out: dict = {"frames": frames, "notes": []}
+    first = None
+    if iter(stream) is not stream:
+        first = next(iter(stream), None)
+        if first is not None and not torch.is_tensor(first):
+            first = torch.as_tensor(first)
+    if first is not None:
+        if first.dim() == 4 and first.shape[0] == 1:
+            first = first[0]
+        c, h, w = (int(n) for n in first.shape[-3:])
+        out.update(channels=c, frame_size=[h, w])
+        model_c = traits(model).in_channels
+        if c != model_c:
+            how = ("convert to luma with long_video.gray=true (LongVideo(..., gray=True))" if c == 3 and model_c == 1
+                   else "decode the video as RGB (long_video.gray=false)" if c == 1 and model_c == 3
+                   else f"give frames of {model_c} channels")
+            raise ValueError(f"the video's frames have {c} channel(s), the model expects {model_c}: {how}")
+        if getattr(stream, "gray", False):
+            out["notes"].append("the video is converted to one luma channel (BT.601) for the 1-channel model")
+        elif c == 3 and bool((first[0] == first[1]).all() and (first[1] == first[2]).all()):
+            out["notes"].append("the video is greyscale (R = G = B in its first frame): the RGB model is fed "
+                                "grey frames on its three channels")
+        scale = Degradation(task or traits(model).task, 0.0).scale
+        if h % scale or w % scale:
+            out["notes"].append(f"frames of {h}×{w} are cropped to {h - h % scale}×{w - w % scale} "
+                                f"(a multiple of the SR scale {scale})")
+    if frames is not None and spec.lyapunov is not None and burst is None:
+        burn_in, batches = int(spec.lyapunov.get("burn_in", BURN_IN)), int(spec.lyapunov.get("batches", BATCHES))
+        clip = int(spec.lyapunov.get("frames", 120))
+        used = min(frames, clip)
+        if used < burn_in + batches:
+            raise ValueError(f"λ₁ needs at least {burn_in + batches} frames (a burn-in of {burn_in}, then {batches} "
+                             f"for its error bar), the video has {frames} and diagnostics.lyapunov.frames is {clip}: "
+                             "give a longer video, loop it (long_video.loop_to=<frames>), lower "
+                             "diagnostics.lyapunov.burn_in, or set diagnostics.lyapunov=null")
+        if frames < clip:
+            out["notes"].append(f"λ₁ is measured on the video's {frames} frames (diagnostics.lyapunov.frames "
+                                f"asks for {clip})")
+        if used < burn_in + 3 * batches:
+            out["notes"].append(f"λ₁ is fitted on {used - burn_in} frames after the burn-in (fewer than "
+                                f"{3 * batches}): a plain mean, no fit of a transient")
+    if frames is not None and burst is not None and frames < burst:
+        raise ValueError(f"the video has {frames} frames, shorter than the burst window (burst={burst}): give a "
+                         "longer video or a smaller burst")
+    return out
 
 
 def estimate_seconds(model: nn.Module, spec: MeasureSpec, sections, streams=()) -> dict:

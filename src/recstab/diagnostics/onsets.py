@@ -185,6 +185,8 @@ class OnsetResult:
     divergent: list = field(default_factory=list)  # per onset: a feedback divergence (see the module doc)
     input_nonfinite_frames: list = field(default_factory=list)  # stream index of each NaN/Inf input frame
     resumed_from: int | None = None  # frames already done by a killed run this one continued
+    input_psnr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # per frame: the degraded
+    # input against the clean frame (bicubic-upsampled for SR): what the model starts from
 
     @property
     def n_onsets(self) -> int:
@@ -210,6 +212,7 @@ class OnsetResult:
                 "feedback_divergences": [list(r) for r in self.divergences],
                 "input_nonfinite_frames": [int(i) for i in self.input_nonfinite_frames],
                 "tail": self.tail, "psnr_median": float(np.median(finite)) if len(finite) else None,
+                "input_psnr_median": _median(self.input_psnr),
                 "resumed_from": self.resumed_from, "settings": self.settings}
 
     def figure(self):
@@ -220,15 +223,17 @@ class OnsetResult:
 
         fig, ax = plt.subplots(figsize=(9, 3))
         shown = np.clip(np.nan_to_num(self.psnr, nan=-10.0, posinf=60.0, neginf=-10.0), -10, 60)
-        ax.plot(np.arange(len(shown)), shown, lw=0.6)
+        ax.plot(np.arange(len(shown)), shown, lw=0.6, label="output")
+        if len(self.input_psnr):
+            ax.plot(np.arange(len(self.input_psnr)), np.clip(np.nan_to_num(self.input_psnr, nan=-10.0), -10, 60),
+                    lw=0.6, color="0.6", label="input (degraded)")
         if self.unstable_frames:
             ax.plot(self.unstable_frames, np.zeros(len(self.unstable_frames)), "r*", ms=8,
                     label=f"{self.n_onsets} instabilities")
         if self.input_nonfinite_frames:
             ax.plot(self.input_nonfinite_frames, np.zeros(len(self.input_nonfinite_frames)), "kx", ms=6,
                     label=f"{len(self.input_nonfinite_frames)} non-finite input frames")
-        if self.unstable_frames or self.input_nonfinite_frames:
-            ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=8)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("frame")
         ax.set_ylabel("PSNR (dB, raw output)")
@@ -336,8 +341,11 @@ class _Prefetcher:
         clean = torch.stack(buf)
         noisy = torch.stack([self.degrade(f, self.make_generator(self.seed, start + k))
                              for k, f in enumerate(clean)])
+        seen = noisy if self.scale == 1 else torch.nn.functional.interpolate(
+            noisy, size=clean.shape[-2:], mode="bicubic", align_corners=False)
+        input_psnr = (-10 * torch.log10((seen - clean).square().flatten(1).mean(dim=1))).float().numpy()
         self.decode_seconds += time.perf_counter() - t
-        return clean, noisy, start
+        return clean, noisy, start, input_psnr
 
     def _put(self, item) -> bool:
         while not self.stop.is_set():
@@ -464,23 +472,26 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
 
     # what the run has measured so far (restored from the progress file when resuming)
     run = {"frames": 0, "since": 0, "step": chunk, "onsets": [], "unstable": [], "divergent": [],
-           "nonfinite": [], "psnr": [], "model_seconds": 0.0, "decode_seconds": 0.0, "seconds": 0.0}
+           "nonfinite": [], "psnr": [], "input_psnr": [], "model_seconds": 0.0, "decode_seconds": 0.0,
+           "seconds": 0.0}
     state, resumed_from = None, None
     saved = load_progress(progress, identity, device) if resume else None
     if saved is not None:
         run.update({k: saved[k] for k in ("frames", "since", "step", "onsets", "unstable", "divergent",
                                           "nonfinite", "model_seconds", "decode_seconds", "seconds")})
         run["psnr"] = [saved["psnr"].cpu().numpy()]
+        run["input_psnr"] = [saved["input_psnr"].cpu().numpy()]
         state, resumed_from = _to_device(saved["state"], device), run["frames"]
         if saved["complete"]:
             return _result(run, settings, resumed_from)
 
     def checkpoint(complete: bool) -> None:
-        psnr = np.concatenate(run["psnr"]).astype(np.float32) if run["psnr"] else np.zeros(0, np.float32)
-        run["psnr"] = [psnr]
+        curves = {k: _joined(run[k]) for k in ("psnr", "input_psnr")}
+        run.update({k: [v] for k, v in curves.items()})
         save_progress(progress, {"version": PROGRESS_VERSION, "identity": identity, "complete": complete,
-                                 "state": _to_device(state, "cpu"), "psnr": torch.from_numpy(psnr),
-                                 **{k: v for k, v in run.items() if k != "psnr"}})
+                                 "state": _to_device(state, "cpu"),
+                                 **{k: torch.from_numpy(v) for k, v in curves.items()},
+                                 **{k: v for k, v in run.items() if k not in curves}})
 
     source = _Prefetcher(clean_frames, chunk, degrade, seed, make_generator, in_channels,
                          degrade.scale, max_frames, prefetch, start=run["frames"])
@@ -491,7 +502,8 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
     since, step, frames = run["since"], run["step"], run["frames"]
     try:
         with torch.no_grad(), parametrize.cached():
-            for clean, noisy, first in source:
+            for clean, noisy, first, input_psnr in source:
+                run["input_psnr"].append(input_psnr)
                 clean, noisy = clean.to(device, non_blocking=True), noisy.to(device, non_blocking=True)
                 k, i = clean.shape[0], 0
                 # a NaN/Inf in the input is an instability of the input, not of the model: such a
@@ -565,8 +577,17 @@ def _feedback_divergence(runner, y: torch.Tensor, x: torch.Tensor) -> bool:
     return float(y.abs().max()) > DIVERGENCE_RATIO * max(float(fresh.abs().max()), 1e-30)
 
 
+def _joined(curve: list) -> np.ndarray:
+    return np.concatenate(curve).astype(np.float32) if curve else np.zeros(0, np.float32)
+
+
+def _median(curve: np.ndarray) -> float | None:
+    finite = curve[np.isfinite(curve)]
+    return float(np.median(finite)) if len(finite) else None
+
+
 def _result(run: dict, settings: dict, resumed_from: int | None) -> OnsetResult:
-    psnr = np.concatenate(run["psnr"]).astype(np.float32) if run["psnr"] else np.zeros(0, np.float32)
+    psnr = _joined(run["psnr"])
     frames, seconds, model_seconds = run["frames"], run["seconds"], run["model_seconds"]
     settings = {**settings, "decode_seconds": run["decode_seconds"], "model_seconds": model_seconds}
     return OnsetResult(onsets=list(run["onsets"]), psnr=psnr, deciles=deciles(run["onsets"]),
@@ -574,4 +595,5 @@ def _result(run: dict, settings: dict, resumed_from: int | None) -> OnsetResult:
                        model_fps=frames / model_seconds if model_seconds > 0 else math.inf,
                        frames=frames, seconds=seconds, unstable_frames=list(run["unstable"]),
                        tail=run["since"], settings=settings, divergent=list(run["divergent"]),
-                       input_nonfinite_frames=list(run["nonfinite"]), resumed_from=resumed_from)
+                       input_nonfinite_frames=list(run["nonfinite"]), resumed_from=resumed_from,
+                       input_psnr=_joined(run["input_psnr"]))

@@ -184,7 +184,9 @@ def stability_report(model: nn.Module, out_dir: str | Path, *, clean_frames=None
         if section == "onsets" and report.onsets is not None:
             report.files["onsets"] = report.onsets.save_png(out_dir / "onsets.png")
             report.files["onsets_progress"] = out_dir / "onsets_progress.pt"
-        report.extra_notes = []
+        report.extra_notes = list(report.measurements.input.get("notes", []))
+        if report.measurements.input:
+            report.settings["input"] = report.measurements.input
         if "trf_sequence" in report.files and report.trf is not None and report.trf.verdict == "unbounded":
             report.extra_notes.append(f"the diverging TRF sequence is saved in {Path(report.files['trf_sequence']).name}"
                                       " (the period X and its repeats M; replay: "
@@ -278,6 +280,15 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _seen(described: dict) -> str:
+    """' (N frames of H×W, C channels)' from check_input's description; '' without one."""
+    if not described.get("frame_size"):
+        return ""
+    h, w = described["frame_size"]
+    frames = f"{described['frames']} frames of " if described.get("frames") is not None else "frames of "
+    return f" ({frames}{h}×{w}, {described.get('channels')} channel(s))"
+
+
 def markdown(report: StabilityReport) -> str:
     """The one-page summary."""
     t, o, c, le = report.trf, report.onsets, report.certificate, report.lyapunov
@@ -287,6 +298,7 @@ def markdown(report: StabilityReport) -> str:
     lines += [f"Model: {st.get('source') or 'built in memory'} (weights {str(st.get('model_hash'))[:12]}…), "
               f"dampening {st.get('dampening')}; input: {st.get('task')}, σ = {st.get('sigma_255', 0):.3g}/255"
               + (f"; video: {', '.join(Path(f).name for f in video.get('files', []))}" if video.get("files") else "")
+              + _seen(st.get("input") or {})
               + f"; diagnostics preset {(st.get('diagnostics') or {}).get('name')}; recstab {st.get('recstab_version')}.",
               ""]
     lines += ["| section | status |", "|---|---|"]
@@ -316,7 +328,9 @@ def markdown(report: StabilityReport) -> str:
                   f"| onset test: fps (model only) | {o.fps:.1f} ({o.model_fps:.1f}) |"]
         finite = o.psnr[np.isfinite(o.psnr)]
         if len(finite):
-            lines.append(f"| median PSNR (dB, raw output) | {float(np.median(finite)):.2f} |")
+            seen = o.to_dict()["input_psnr_median"]
+            lines.append(f"| median PSNR (dB): output (raw) / degraded input | {float(np.median(finite)):.2f} / "
+                         f"{_fmt(seen)} |")
     if t is not None:
         lines += ["", f"Thresholds: TRF influence > {t.threshold:g} of the largest counts; unbounded needs a replayed "
                   "demonstration (X repeated from the initial state: a non-finite output, or growth by 10⁶ over the "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PROGRESS_VERSION = 1
+PROGRESS_VERSION = 2  # 2: the onset test keeps the input PSNR per frame
 
 
 class ResumeMismatch(ValueError):
