@@ -3,7 +3,10 @@
     python src/train.py -m sweep=table3 debug=smoke          # runs land in logs/table3/multiruns/<time>/
     python src/report.py sweep=table3                         # the newest of them
     python src/report.py sweep=table4 dir=logs/table2/multiruns/<t1>,logs/table3/multiruns/<t2>
+    python src/report.py --help                               # (or sweep=table3 --cfg job: the composed config)
 
+Root config: src/recstab/report/conf/report.yaml (a Hydra app like the other scripts; its own config
+folder, because in conf/ ``sweep`` is the training sweeps' group). The work: :mod:`recstab.report`.
 Reads every run under ``dir`` (``.hydra/config.yaml``, ``metrics.json``, ``measurements.json``;
 W&B is not needed), matches the runs to the rows of the paper's table in ``sweeps/<name>.yaml``
 by their config values, and writes ``<out>/<name>.md``, ``<out>/<name>.csv`` (and ``<name>.png``
@@ -13,7 +16,7 @@ A row whose jobs raised (``failed.json``, see src/train.py) is marked failed and
 It also logs the report to the sweep's W&B group as a run with ``job_type="report"``
 (:mod:`recstab.report.dashboard`: the comparison table, the per-row verdicts, the figure),
 offline unless ``WANDB_MODE`` says otherwise, under ``<out>/wandb`` for ``wandb sync`` later;
-``wandb=false`` skips it.
+``wandb=false`` skips it. Exit status: 0, 1 when no run of the sweep was found, 2 on a user error.
 """
 
 from __future__ import annotations
@@ -22,55 +25,57 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 USAGE = "usage: python src/report.py sweep=<name> [dir=<sweep dir>[,<dir>...]] [out=<folder>] [wandb=true|false]"
 
 
-def parse(argv: list[str]) -> dict:
-    args = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in ("sweep", "dir", "out", "wandb"):
-            raise SystemExit(f"unknown argument {arg!r}\n{USAGE}")
-        args[key] = value
-    if "sweep" not in args:
+def hydra_list(arg: str) -> str:
+    """``dir=a,b`` (the documented form) as Hydra's list ``dir=[a,b]``: to Hydra a bare comma list is a sweep."""
+    key, sep, value = arg.partition("=")
+    if key == "dir" and sep and "," in value and not value.startswith(("[", "'", '"')):
+        return f"dir=[{value}]"
+    return arg
+
+
+def sweep_dirs(cfg: DictConfig) -> list[Path]:
+    from recstab.report.tables import newest_sweep_dir
+
+    if cfg.dir is None:
+        return [newest_sweep_dir(cfg.sweep, Path(cfg.paths.log_dir))]
+    dirs = list(cfg.dir) if OmegaConf.is_list(cfg.dir) else str(cfg.dir).split(",")
+    return [Path(str(d)) for d in dirs]
+
+
+@hydra.main(config_path="recstab/report/conf", config_name="report", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from recstab.report.tables import report, sweep_group
+
+    if OmegaConf.is_missing(cfg, "sweep"):
         raise SystemExit(f"sweep=<name> is required\n{USAGE}")
-    if args.setdefault("wandb", "true") not in ("true", "false"):
-        raise SystemExit(f"wandb must be true or false, got {args['wandb']!r}\n{USAGE}")
-    return args
-
-
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    args = parse(argv)
-    from recstab.report.tables import newest_sweep_dir, report, sweep_group
-
-    log_dir = Path(os.environ.get("PROJECT_ROOT", ROOT)) / "logs"
+    if not isinstance(cfg.wandb, bool):
+        raise SystemExit(f"wandb must be true or false, got {cfg.wandb!r}\n{USAGE}")
     try:
-        dirs = args["dir"].split(",") if args.get("dir") else [newest_sweep_dir(args["sweep"], log_dir)]
-    except FileNotFoundError as error:
-        print(f"report.py: {error}", file=sys.stderr)
-        return 2
-    try:
-        table, files = report(args["sweep"], dirs, args.get("out"))
+        dirs = sweep_dirs(cfg)
+        table, files = report(str(cfg.sweep), dirs, cfg.out, sweeps=cfg.paths.sweeps_dir)
     except (FileNotFoundError, ValueError) as error:
         print(f"report.py: {error}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     print(files["markdown"].read_text())
     print("written: " + ", ".join(str(p) for p in files.values()))
-    if args["wandb"] == "true":
+    if cfg.wandb:
         from recstab.report.dashboard import log_report
-        group = sweep_group(args["sweep"])
+        group = sweep_group(str(cfg.sweep), cfg.paths.sweeps_dir)
         folder = log_report(table, files, files["markdown"].parent, group=group, tags=[group])
         if folder is not None:
             print(f"W&B report run (job_type=report, group {group}): {folder}")
     if not any(row["runs"] for row in table.rows):
-        print(f"no finished run of {args['sweep']} found under {', '.join(map(str, dirs))}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"no finished run of {cfg.sweep} found under {', '.join(map(str, dirs))}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.argv = [sys.argv[0], *map(hydra_list, sys.argv[1:])]
+    main()

@@ -107,11 +107,23 @@ def test_collect_reads_metrics_measurements_and_csv(tmp_path):
 
 def test_report_cli_refuses_bad_arguments(tmp_path, run_script):
     result = run_script("report.py", ["sweep=table3", "bogus=1"], tmp_path)
-    assert result.returncode != 0 and "usage" in result.stderr
+    assert result.returncode != 0 and "Could not override 'bogus'" in result.stderr
+    result = run_script("report.py", [], tmp_path)
+    assert result.returncode != 0 and "sweep=<name> is required" in result.stderr and "usage" in result.stderr
     result = run_script("report.py", ["sweep=table3", "wandb=maybe"], tmp_path)
     assert result.returncode != 0 and "wandb must be true or false" in result.stderr
     result = run_script("report.py", ["sweep=table99", f"dir={tmp_path}"], tmp_path)
     assert result.returncode != 0 and "table3" in result.stderr  # lists the sweeps
+
+
+def test_report_cli_is_a_hydra_app(tmp_path, run_script):
+    """--help and --cfg job as in the other scripts; dir=a,b (a bare comma list) is the list [a, b], not a sweep."""
+    result = run_script("report.py", ["--help"], tmp_path)
+    assert result.returncode == 0 and "python src/report.py sweep=<name>" in result.stdout
+    result = run_script("report.py", ["sweep=laptop", "dir=/x/a,/x/b", "--cfg", "job"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    cfg = OmegaConf.create(result.stdout)
+    assert cfg.sweep == "laptop" and list(cfg.dir) == ["/x/a", "/x/b"]
 
 
 @pytest.mark.slow
@@ -147,7 +159,7 @@ def test_report_defaults_to_the_newest_sweep_dir(smoke_sweep, run_script, tmp_pa
     logs = tmp_path / "logs" / "table8" / "multiruns"
     logs.mkdir(parents=True)
     (logs / "2000-01-01_00-00-00").symlink_to(sweep_dir)
-    result = run_script("report.py", ["sweep=table8", "wandb=false"], tmp_path, env={"PROJECT_ROOT": str(tmp_path)})
+    result = run_script("report.py", ["sweep=table8", "wandb=false", f"paths.log_dir={tmp_path / 'logs'}"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "56 frames" in result.stdout and (sweep_dir / "report" / "table8.md").read_text() in result.stdout
 

@@ -30,12 +30,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-SWEEPS = Path(__file__).resolve().parents[3] / "sweeps"
 FAILED = "failed"  # our value in every column of a row whose every job raised (failed.json)
 
 MEASURED = ("stability/", "spectra/", "long/")  # the keys of one stability measurement (diagnostics.measure)
@@ -81,25 +81,33 @@ class Run:
             return None
 
 
-def sweep_file(sweep: str) -> Path:
-    path = SWEEPS / f"{sweep}.yaml"
+def sweeps_dir() -> Path:
+    """Where the sweep files live: ``$PROJECT_ROOT/sweeps`` (the scripts in src/ set PROJECT_ROOT to the
+    repository; src/report.py passes its ``paths.sweeps_dir`` explicitly), else ``./sweeps``."""
+    return Path(os.environ.get("PROJECT_ROOT", ".")) / "sweeps"
+
+
+def sweep_file(sweep: str, folder: str | Path | None = None) -> Path:
+    """``<folder>/<sweep>.yaml`` (default folder: :func:`sweeps_dir`); FileNotFoundError listing the sweeps."""
+    folder = Path(folder) if folder is not None else sweeps_dir()
+    path = folder / f"{sweep}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
-        raise FileNotFoundError(f"no sweep {sweep!r} in {SWEEPS}; sweeps: {', '.join(names)}")
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise FileNotFoundError(f"no sweep {sweep!r} in {folder}; sweeps: {', '.join(names) or 'none'}")
     return path
 
 
-def load_paper(sweep: str) -> dict:
+def load_paper(sweep: str, folder: str | Path | None = None) -> dict:
     """The ``paper:`` node of sweeps/<sweep>.yaml as plain Python."""
-    node = OmegaConf.load(sweep_file(sweep)).get("paper")
+    node = OmegaConf.load(sweep_file(sweep, folder)).get("paper")
     if node is None:
         raise ValueError(f"sweeps/{sweep}.yaml has no `paper:` node")
     return OmegaConf.to_container(node, resolve=False)
 
 
-def sweep_group(sweep: str) -> str:
+def sweep_group(sweep: str, folder: str | Path | None = None) -> str:
     """The W&B group the training runs of sweeps/<sweep>.yaml log to (its ``group:``; default its name)."""
-    return str(OmegaConf.load(sweep_file(sweep)).get("group") or sweep)
+    return str(OmegaConf.load(sweep_file(sweep, folder)).get("group") or sweep)
 
 
 def _last_csv_values(path: Path) -> dict:
@@ -408,10 +416,11 @@ def newest_sweep_dir(sweep: str, log_dir: Path) -> Path:
     return candidates[-1]
 
 
-def report(sweep: str, dirs, out: Path | None = None) -> tuple[Table, dict]:
-    """Collect, build, write <out>/<sweep>.md, .csv (and .png for figures); return (table, files)."""
+def report(sweep: str, dirs, out: Path | None = None, sweeps: str | Path | None = None) -> tuple[Table, dict]:
+    """Collect, build, write <out>/<sweep>.md, .csv (and .png for figures); return (table, files).
+    ``sweeps``: the folder of the sweep files (default :func:`sweeps_dir`)."""
     dirs = [Path(d) for d in ([dirs] if isinstance(dirs, (str, Path)) else dirs)]
-    paper = load_paper(sweep)
+    paper = load_paper(sweep, sweeps)
     runs = collect_runs(dirs)
     table = build_table(sweep, runs, paper)
     out = Path(out) if out else dirs[0] / "report"
