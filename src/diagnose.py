@@ -131,6 +131,8 @@ def run_report(cfg: DictConfig, out_dir: Path, run=None):
             stream["gray"] = int(model.in_channels) == 1
         frames = LongVideo(**stream)
         frames.probe()  # every file opened before anything is measured (unreadable ones skipped and listed)
+    from recstab.diagnostics.measure import as_spec, check_input
+    check_input(model, as_spec(spec), frames, burst=cfg.get("burst"))  # a refusal is one line, before W&B starts
     if callable(run):
         run = run()
     if cfg.get("resume"):

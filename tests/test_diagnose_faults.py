@@ -408,5 +408,8 @@ def test_channel_mismatch_and_short_video_are_refused_before_anything_runs(tmp_p
         "λ₁ is fitted on 10 frames after the burn-in (fewer than 30): a plain mean, no fit of a transient"]
     with pytest.raises(ValueError, match="shorter than the burst window"):
         check_input(tiny(), spec, rgb[:30], burst=40)
+    # inside measure() (a training monitor must not die of its video) the section is skipped, saying why
+    lenient = check_input(tiny(), spec, rgb[:29], strict=False)
+    assert lenient["refused"]["lyapunov"].startswith("λ₁ needs at least 30 frames")
     sr = build_model("vresnet", "feat", "sr2", 8)
     assert "cropped to 8×10" in check_input(sr, spec.only("onsets"), list(torch.rand(5, 3, 9, 11)))["notes"][0]

@@ -394,6 +394,8 @@ def stabilise(cfg: DictConfig, out_dir: Path) -> dict:
     stream = LongVideo(**{**OmegaConf.to_container(cfg.long_video, resolve=True),
                           "gray": int(module.model.in_channels) == 1})
     stream.probe()
+    from recstab.diagnostics.measure import check_input
+    check_input(module.model, spec, stream)  # a channel mismatch or a too short video: refused before any work
 
     def measure_lam(model, lam: float) -> Measurement:
         return measure_at(model, lam, spec, stream, float(cfg.sigma))

@@ -244,7 +244,7 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
                                                                       else [])
 
     # the video against the model and the spec: refused (ValueError) before anything is measured
-    result.input = check_input(model, spec, streams[0] if streams else None, task=task, burst=burst)
+    result.input = check_input(model, spec, streams[0] if streams else None, task=task, burst=burst, strict=False)
     for note in result.input.get("notes", []):
         log.warning("input: %s", note)
 
@@ -272,6 +272,8 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
                 torch.save({"key": trf_id, "result": _fields(result.trf)}, workdir / "trf.pt")
 
     def lyapunov():
+        if "lyapunov" in result.input.get("refused", {}):
+            return f"skipped: {result.input['refused']['lyapunov']}"
         if burst is not None:
             return "skipped: burst-by-burst processing resets the state (finite memory)"
         if not traits(model).streamable:
@@ -286,6 +288,8 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
     def onsets():
         if not streams:
             return "skipped: no video given"
+        if "onsets" in result.input.get("refused", {}):
+            return f"skipped: {result.input['refused']['onsets']}"
         if burst is None and not traits(model).streamable:
             return "skipped: the model is bidirectional (not streamable); measure it burst by burst"
         settings = dict(spec.onsets)
@@ -335,11 +339,11 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
 
 
 def check_input(model: nn.Module, spec: MeasureSpec, stream, *, task: str | None = None,
-                burst: int | None = None) -> dict:
+                burst: int | None = None, strict: bool = True) -> dict:
     """The video as the model will see it, checked before anything is measured.
 
-    Returns {"frames", "frame_size" (H, W), "channels", "notes"}: ``notes`` say, in words, every
-    conversion the measurement makes (they go into the report):
+    Returns {"frames", "frame_size" (H, W), "channels", "notes", "refused"}: ``notes`` say, in words,
+    every conversion the measurement makes (they go into the report):
 
     - greyscale frames (R = G = B) into an RGB model: fed as they are, grey on three channels;
     - frames converted to one luma channel (``LongVideo(gray=True)``) for a 1-channel model;
@@ -348,8 +352,11 @@ def check_input(model: nn.Module, spec: MeasureSpec, stream, *, task: str | None
 
     Refused (ValueError naming the value and what is valid): frames whose channels differ from the
     model's (3 into 1: ``long_video.gray=true`` converts; 1 into 3: decode as RGB), a video shorter than
-    λ₁'s burn-in plus the frames its error bar needs, or than the burst window. A one-shot iterator is not
-    read (nothing can be checked without consuming it).
+    λ₁'s burn-in plus the frames its error bar needs, or than the burst window. ``strict=False`` (what
+    :func:`measure` does, so that a training monitor never dies of its video) returns the refusals of the
+    last two in ``refused`` ({section: why}) and those sections are skipped with that reason; the
+    scripts call it strict before anything starts. A one-shot iterator is not read (nothing can be
+    checked without consuming it).
     """
     from recstab.data.degradations import Degradation
     from recstab.diagnostics.lyapunov import BATCHES, BURN_IN
@@ -360,7 +367,12 @@ def check_input(model: nn.Module, spec: MeasureSpec, stream, *, task: str | None
         frames = len(stream)
     except TypeError:
         frames = None
-    out: dict = {"frames": frames, "notes": []}
+    out: dict = {"frames": frames, "notes": [], "refused": {}}
+
+    def refuse(section: str, message: str) -> None:
+        if strict:
+            raise ValueError(message)
+        out["refused"][section] = message
     first = None
     if iter(stream) is not stream:
         first = next(iter(stream), None)
@@ -391,18 +403,18 @@ def check_input(model: nn.Module, spec: MeasureSpec, stream, *, task: str | None
         clip = int(spec.lyapunov.get("frames", 120))
         used = min(frames, clip)
         if used < burn_in + batches:
-            raise ValueError(f"λ₁ needs at least {burn_in + batches} frames (a burn-in of {burn_in}, then {batches} "
+            refuse("lyapunov", f"λ₁ needs at least {burn_in + batches} frames (a burn-in of {burn_in}, then {batches} "
                              f"for its error bar), the video has {frames} and diagnostics.lyapunov.frames is {clip}: "
                              "give a longer video, loop it (long_video.loop_to=<frames>), lower "
                              "diagnostics.lyapunov.burn_in, or set diagnostics.lyapunov=null")
-        if frames < clip:
+        elif frames < clip:
             out["notes"].append(f"λ₁ is measured on the video's {frames} frames (diagnostics.lyapunov.frames "
                                 f"asks for {clip})")
-        if used < burn_in + 3 * batches:
+        if burn_in + batches <= used < burn_in + 3 * batches:
             out["notes"].append(f"λ₁ is fitted on {used - burn_in} frames after the burn-in (fewer than "
                                 f"{3 * batches}): a plain mean, no fit of a transient")
     if frames is not None and burst is not None and frames < burst:
-        raise ValueError(f"the video has {frames} frames, shorter than the burst window (burst={burst}): give a "
+        refuse("onsets", f"the video has {frames} frames, shorter than the burst window (burst={burst}): give a "
                          "longer video or a smaller burst")
     return out
 
