@@ -357,4 +357,10 @@ def test_sweep_certified_is_the_default_recipe_and_fills_each_row_once(compose, 
         hits += [r["name"] for r in rows if matches(Run(Path("."), job, {}, str(job.run_name)), r["match"])]
         if job.norm.name == "certified":
             assert CertifiedLoop(**{k: v for k, v in job.norm.items() if k != "_target_"}).rho == job.norm.rho
-    assert sorted(hits) == sorted(r["name"] for r in rows)
+            assert job.norm.base.alpha == 2.0 and job.norm.base.beta == 0.1  # the default base: SRN-C Soft
+    by_hand = [r["name"] for r in rows if r["name"].endswith("base=null")]
+    assert sorted(hits) == sorted(r["name"] for r in rows if r["name"] not in by_hand)
+    for rho in (0.5, 0.8, 0.95, 0.99):  # the loop slices alone: norm.base=null, one row each
+        job = compose("train", ["norm=certified", "norm.base=null", f"norm.rho={rho}"])
+        assert [r["name"] for r in rows if matches(Run(Path("."), job, {}, "x"), r["match"])] == [
+            f"certified ρ={rho}, base=null"]

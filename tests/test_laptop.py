@@ -24,7 +24,9 @@ def test_laptop_sweep_composes_unconstrained_hard_and_soft(compose, sweep_jobs):
         assert job.callbacks.stability.every_n_val_epochs == 1 and job.callbacks.stability.at_end is False
         assert (job.trainer.max_steps, job.model.channels) == (300, 16)
         assert (job.module.lr, job.model.init, job.data.crop) == (default.module.lr, default.model.init, default.data.crop)
-    assert norms == [("none", None, None), ("srnc", 0.5, 1.0), ("srnc", 2.0, 0.1)]  # Hard: alpha < 1 certifies
+    assert norms == [("none", None, None), ("srnc", 0.5, 1.0), ("srnc", 2.0, 0.1), ("certified", None, None)]
+    certified = compose("train", ["sweep=laptop", "row=certified_0.95"]).norm
+    assert (certified._target_, certified.rho) == ("recstab.norms.certified.CertifiedLoop", 0.95)
 
 
 @pytest.mark.slow
@@ -32,14 +34,15 @@ def test_every_row_runs_under_smoke_and_the_report_has_a_row_each(smoke_sweep, r
     sweep_dir = smoke_sweep("laptop")
     runs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file())
     assert [p.name.split("_", 1)[1] for p in runs] == ["laptop-unconstrained", "laptop-srnc_0.5_1.0",
-                                                       "laptop-srnc_2.0_0.1"]
+                                                       "laptop-srnc_2.0_0.1", "laptop-certified_0.95"]
     for run in runs:
         assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "measurements.json").is_file()
     report = run_script("report.py", ["sweep=laptop", f"dir={sweep_dir}", "wandb=false"], sweep_dir)
     assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
     table = [line for line in report.stdout.splitlines() if line.startswith("| ")]
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table[1:]}
-    assert rows == {"No constraint": "1", "SRN-C α=0.5 β=1.0 (Hard)": "1", "SRN-C α=2.0 β=0.1 (Soft)": "1"}
+    assert rows == {"No constraint": "1", "SRN-C α=0.5 β=1.0 (Hard)": "1", "SRN-C α=2.0 β=0.1 (Soft)": "1",
+                    "certified ρ=0.95 (not in the paper)": "1"}
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
