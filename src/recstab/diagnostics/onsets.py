@@ -75,7 +75,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from recstab.diagnostics.workfiles import PROGRESS_VERSION, load_progress, model_fingerprint, save_progress
+from recstab.diagnostics.workfiles import (PROGRESS_VERSION, check_progress_settings, load_progress,
+                                           model_fingerprint, save_progress)
 from recstab.models.dampening import evaluating
 from recstab.models.interface import traits
 
@@ -439,10 +440,7 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
         raise ValueError(f"prefetch must be >= 0 chunks, got {prefetch}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    if progress_every < 1:
-        raise ValueError(f"progress_every must be >= 1 frame, got {progress_every}")
-    if resume and progress is None:
-        raise ValueError("resume=True needs progress=<file> to resume from")
+    check_progress_settings(progress, progress_every, resume, "frame")
     known = traits(model)
     task = task or known.task
     degrade = Degradation(task, sigma * 255.0)

@@ -106,7 +106,8 @@ from torch.nn.utils import parametrize
 
 from recstab.diagnostics.demonstration import MIN_PERIODS, REPLAY_FRAMES, Demonstration, demonstrate
 from recstab.diagnostics.lyapunov import jvp
-from recstab.diagnostics.workfiles import PROGRESS_VERSION, load_progress, model_fingerprint, save_progress
+from recstab.diagnostics.workfiles import (PROGRESS_VERSION, check_progress_settings, load_progress,
+                                           model_fingerprint, save_progress)
 from recstab.models.dampening import evaluating
 from recstab.models.interface import traits
 
@@ -346,10 +347,7 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
         raise ValueError(f"check_every must be >= 1 iteration, got {check_every}")
     if replay_frames < 0:
         raise ValueError(f"replay_frames is a frame budget >= 0 (e.g. {REPLAY_FRAMES}), got {replay_frames}")
-    if progress_every < 1:
-        raise ValueError(f"progress_every must be >= 1 iteration, got {progress_every}")
-    if resume and progress is None:
-        raise ValueError("resume=True needs progress=<file> to resume from")
+    check_progress_settings(progress, progress_every, resume, "iteration")
     tau = (frames - 1) // 2
     c = _in_channels(model, channels)
     if device is None:

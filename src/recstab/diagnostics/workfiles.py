@@ -37,6 +37,14 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def check_progress_settings(progress, every: int, resume: bool, unit: str) -> None:
+    """The settings of a resumable run: a ValueError naming the bad one."""
+    if every < 1:
+        raise ValueError(f"progress_every must be >= 1 {unit}, got {every}")
+    if resume and progress is None:
+        raise ValueError("resume=True needs progress=<file> to resume from")
+
+
 def save_progress(path: Path, progress: dict) -> None:
     """Atomic write: torch.save to a temporary file in the same folder, then os.replace."""
     path = Path(path)
