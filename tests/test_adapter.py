@@ -153,7 +153,10 @@ def wrap_rlsp(cell):
 
 
 def wrap_basicvsr(cell):
-    def bound(conv_norm, dampening):  # warp (convex bilinear weights: ≤ 1) -> fuse -> residual blocks
+    def bound(conv_norm, dampening):  # warp -> fuse -> residual blocks, a chain in the l2 norm of h
+        # the warp by a constant translation: every source pixel gives away bilinear weights summing to <= 1
+        # (rows and columns of W sum to <= 1), so ||W||_2 <= 1 (Schur test); a general flow needs sqrt(c_t)
+        # (recstab.norms.certified.warp_l2_bound)
         factors = {"warp": 1.0, "fuse": conv_norm(cell.fuse.weight[:, 3:])}
         for i, b in enumerate(cell.blocks):
             factors[f"block{i}"] = 1 + conv_norm(b.conv2.weight) * conv_norm(b.conv1.weight)
