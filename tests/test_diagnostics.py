@@ -356,3 +356,17 @@ def test_diagnose_report_from_config_and_from_checkpoint(tmp_path, repo_root, tw
     assert report.verdict == "proven unstable"
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         cli.load_model(compose("diagnose", small + ["ckpt_path=nope.ckpt"]))
+
+
+def test_long_sections_report_their_progress_within_the_section():
+    """The progress bar moves inside the TRF (per iteration) and the onset test (per chunk), not only between
+    sections: on_progress gets increasing fractions that end at 1."""
+    from recstab.diagnostics import instability_onsets, temporal_receptive_field
+
+    model = tiny("feat")
+    seen = []
+    temporal_receptive_field(model, frames=9, size=8, iters=6, replay_frames=0, on_progress=seen.append)
+    assert seen == [pytest.approx((i + 1) / 6) for i in range(6)]
+    seen.clear()
+    instability_onsets(model, list(torch.rand(24, 3, 8, 8)), chunk=8, on_progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) == 3

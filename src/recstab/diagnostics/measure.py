@@ -70,7 +70,8 @@ class MeasureSpec:
             raise ValueError(f"spectra_n must be an int >= 1 or null (off), got {self.spectra_n!r}")
         # the settings a preset may hold (the rest is the caller's: model, input, noise, dampening, files)
         allowed = {"trf": set(inspect_parameters(temporal_receptive_field)) - {"model", "dampening", "device",
-                                                                             "progress", "resume", "context"},
+                                                                             "progress", "resume", "context",
+                                                                             "on_progress"},
                    "lyapunov": set(inspect_parameters(lyapunov_exponent)) - {"model", "sigma", "dampening", "device"}
                    | {"size"},
                    "onsets": {"chunk", "seed", "max_frames", "prefetch", "progress_every"}}
@@ -267,7 +268,7 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
         if result.trf is None:
             work = workdir / "trf_progress.pt" if workdir is not None else None
             result.trf = engine.trf(subject, **spec.trf, progress=work, resume=resume,
-                                    context={"burst": burst, "overlap": overlap})
+                                    context={"burst": burst, "overlap": overlap}, on_progress=advance)
             if workdir is not None:
                 torch.save({"key": trf_id, "result": _fields(result.trf)}, workdir / "trf.pt")
 
@@ -297,8 +298,10 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
         for i, stream in enumerate(streams):
             progress = workdir / ("onsets_progress.pt" if i == 0 else f"onsets_progress_{i}.pt") if workdir else None
             seed = int(settings.get("seed", 0)) + i
+            share = lambda fraction, i=i: advance((i + fraction) / len(streams))  # noqa: E731
             result.onsets.append(engine.onsets(model, stream, sigma, task=task, burst=burst, overlap=overlap,
-                                               progress=progress, resume=resume, **{**settings, "seed": seed}))
+                                               progress=progress, resume=resume, on_progress=share,
+                                               **{**settings, "seed": seed}))
 
     runners = {"spectra": spectra, "certificate": certificate, "trf": trf, "lyapunov": lyapunov, "onsets": onsets}
     for name, diagnostic in spec.extra.items():
@@ -310,7 +313,16 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
         subject = BurstProcessor(model, burst, overlap) if burst is not None else model
         cost = estimate_seconds(model, spec, todo, streams) if progress else {}
         bar = _progress_bar(cost, spec.name) if progress else None
+        done_seconds, current = 0.0, {"key": None}
+
+        def advance(fraction: float) -> None:
+            """The running section is ``fraction`` done: the bar moves within its estimated share."""
+            if bar is not None and current["key"] is not None:
+                bar.n = done_seconds + min(1.0, max(0.0, fraction)) * cost.get(current["key"], 0.0)
+                bar.refresh()
+
         for key in [*SECTIONS, *spec.extra]:
+            current["key"] = key
             if not spec.runs(key):
                 result.sections[key] = {"status": f"skipped: not in the diagnostics spec ({spec.name})", "seconds": 0.0}
                 continue
@@ -328,8 +340,10 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
                 result.sections[key] = {"status": "failed", "seconds": time.perf_counter() - start,
                                         "error": f"{type(error).__name__}: {error}"}
             result.decide()
+            done_seconds += cost.get(key, 0.0)
             if bar is not None:
-                bar.update(cost.get(key, 0.0))
+                bar.n = done_seconds
+                bar.refresh()
             if on_section is not None:
                 on_section(key, result)
         if bar is not None:

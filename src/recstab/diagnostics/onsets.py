@@ -407,7 +407,7 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
                        seed: int = 0, task: str | None = None, max_frames: int | None = None,
                        burst: int | None = None, overlap: int = 0, dampening: float | None = None,
                        prefetch: int = 4, device=None, progress: str | Path | None = None,
-                       progress_every: int = 1024, resume: bool = False) -> OnsetResult:
+                       progress_every: int = 1024, resume: bool = False, on_progress=None) -> OnsetResult:
     """Stream clean frames through ``model.process`` and record the instability onsets.
 
     Args:
@@ -427,6 +427,8 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
             and at the end; None: none.
         resume: continue from ``progress`` when it holds a killed run of the same model and
             settings (a finished one is returned as it is); the onsets equal an uninterrupted run's.
+        on_progress: called with the fraction of the stream done after each chunk (a progress bar;
+            the stream's length is ``max_frames``, else ``len(clean_frames)`` when it has one).
     """
     from recstab.data.degradations import Degradation, make_generator
 
@@ -491,6 +493,10 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
                                  **{k: torch.from_numpy(v) for k, v in curves.items()},
                                  **{k: v for k, v in run.items() if k not in curves}})
 
+    try:
+        expected = max_frames if max_frames is not None else len(clean_frames)
+    except TypeError:  # an iterable without a length: no fraction to report
+        expected = None
     source = _Prefetcher(clean_frames, chunk, degrade, seed, make_generator, in_channels,
                          degrade.scale, max_frames, prefetch, start=run["frames"])
     scope = ExitStack()
@@ -543,6 +549,8 @@ def instability_onsets(model: nn.Module, clean_frames, sigma: float = 30 / 255, 
                         run["divergent"].append(_feedback_divergence(runner, y[j], noisy[None, i + j:i + j + 1]))
                         since, state, i, step = 0, None, i + j + 1, 1
                 frames += k
+                if on_progress is not None and expected:
+                    on_progress(min(1.0, frames / expected))
                 if progress is not None and frames - saved_at >= progress_every:
                     run.update(frames=frames, since=since, step=step,
                                decode_seconds=decode_before + source.decode_seconds,

@@ -309,7 +309,8 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
                              channels: int | None = None, dampening: float | None = None,
                              replay_frames: int = REPLAY_FRAMES, device=None,
                              progress: str | Path | None = None, progress_every: int = 10,
-                             resume: bool = False, context: dict | None = None) -> TRFResult:
+                             resume: bool = False, context: dict | None = None,
+                             on_progress=None) -> TRFResult:
     """Run the TRF stress test on any ``nn.Module`` with the sequence API ``model(x)``.
 
     Args:
@@ -332,6 +333,7 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
         resume: continue from ``progress`` when it holds this search (same model, settings, context).
         context: what else the result depends on (e.g. the input description, burst processing):
             part of the identity checked on resume.
+        on_progress: called with the fraction of the iterations done after each one (a progress bar).
     """
     if frames < 3 or frames % 2 == 0:
         raise ValueError(f"frames must be odd and >= 3 (2·tau+1, 81 in the paper), got {frames}")
@@ -417,10 +419,14 @@ def temporal_receptive_field(model: nn.Module, frames: int = 81, size: int = 64,
             optimizer.step()
             with torch.no_grad():
                 x.clamp_(0, 1)
+            if on_progress is not None:
+                on_progress((it + 1) / iters)
             if progress is not None and (it + 1) % progress_every == 0:
                 save_progress(progress, {"version": PROGRESS_VERSION, "identity": identity, "next": it + 1,
                                          "x": x.detach().cpu(), "optimizer": optimizer.state_dict(),
                                          "p_history": p_history, "seconds": time.perf_counter() - start})
+        if on_progress is not None:
+            on_progress(1.0)
         if grad is not None and response is None:  # the future response at the final X
             response = _future_response(model, x.detach(), v)
         if demo is None and replay_frames > 0:
