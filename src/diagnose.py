@@ -45,6 +45,7 @@ def load_model(cfg: DictConfig):
 
     if cfg.get("ckpt_path"):
         from recstab.lit.module import VideoRestorationModule
+        from recstab.lit.preflight import read_recstab_checkpoint
         path = Path(cfg.ckpt_path)
         read_recstab_checkpoint(path)
         module = VideoRestorationModule.load_from_checkpoint(str(path), map_location="cpu")
@@ -59,21 +60,6 @@ def load_model(cfg: DictConfig):
     from recstab.norms import refresh
     refresh(model)  # exact power-iteration vectors before measuring anything (a no-op without a norm)
     return model.to(pick_device(cfg.device)).eval()
-
-
-def read_recstab_checkpoint(path: Path) -> dict:
-    """The checkpoint's hyper-parameters; a file that is not a checkpoint of src/train.py is refused with what to do."""
-    from recstab.lit.preflight import PreflightError, read_checkpoint
-
-    try:
-        return dict(read_checkpoint(path)["hyper_parameters"])
-    except PreflightError as error:
-        if not path.is_file():
-            raise
-        raise PreflightError(
-            f"ckpt_path={str(path)!r} is not a checkpoint of src/train.py (a plain state dict or a pickled module?). "
-            "Diagnose your own model from Python: wrap it (recstab.models.StepModel / ClipModel, README 'Diagnose "
-            "your own model') and call recstab.diagnostics.stability_report(model, out_dir)") from error.__cause__
 
 
 def checkpoint_name(hparams: dict) -> str:
@@ -179,18 +165,12 @@ def start_wandb(cfg: DictConfig, out_dir: Path):
                       config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def user_errors() -> tuple:
-    """Errors a user fixes by changing the command (one line, no traceback; HYDRA_FULL_ERROR=1 shows it)."""
-    from recstab.data.long_video import VideoDecodeError
-    from recstab.diagnostics.measure import ResumeMismatch
-    from recstab.lit.preflight import PreflightError
-    return PreflightError, ResumeMismatch, VideoDecodeError, FileNotFoundError, ValueError
-
-
 @hydra.main(config_path="../conf", config_name="diagnose", version_base="1.3")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
+
+    from recstab.lit.preflight import read_recstab_checkpoint, user_errors
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = " ".join(HydraConfig.get().overrides.task)
@@ -208,7 +188,7 @@ def main(cfg: DictConfig):
             return None
         if cfg.get("ckpt_path"):  # the report is named from the checkpoint's own model
             with open_dict(cfg):
-                cfg.name = checkpoint_name(read_recstab_checkpoint(Path(cfg.ckpt_path)))
+                cfg.name = checkpoint_name(read_recstab_checkpoint(Path(cfg.ckpt_path))["hyper_parameters"])
         target = report_dir(cfg, out_dir / "report")
         report = run_report(cfg, out_dir / "report", start_run)
         failed = [k for k, v in report.sections.items() if v["status"] == "failed"]

@@ -352,8 +352,9 @@ def test_the_report_is_named_from_the_checkpoints_own_model(tmp_path, repo_root)
     old = {"model": {"backbone": "vdncnn", "recurrence": "feat", "task": "sr2", "norm": {"kind": "none"}}}
     assert cli.checkpoint_name(old) == "vdncnn-feat-sr2-none"
     torch.save(tiny().state_dict(), tmp_path / "plain.pt")  # a plain state dict, not a checkpoint of train.py
+    from recstab.lit.preflight import read_recstab_checkpoint
     with pytest.raises(ValueError, match="Diagnose your own model from Python"):
-        cli.read_recstab_checkpoint(tmp_path / "plain.pt")
+        read_recstab_checkpoint(tmp_path / "plain.pt")
 
 
 @pytest.mark.slow

@@ -169,3 +169,14 @@ def test_cli_names_a_missing_checkpoint(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}, timeout=300)
     assert result.returncode != 0 and "nope.ckpt" in result.stderr
+
+
+def test_cli_refuses_a_foreign_checkpoint_in_one_line(tmp_path):
+    torch.save(he_module().model.state_dict(), tmp_path / "plain.pt")  # a plain state dict, not train.py's
+    cmd = [sys.executable, str(ROOT / "src" / "stabilise.py"), f"ckpt_path={tmp_path / 'plain.pt'}",
+           f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and lines[-1].startswith("Error: ") and "Diagnose your own model" in lines[-1]
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr

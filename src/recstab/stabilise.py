@@ -371,16 +371,15 @@ def stabilise(cfg: DictConfig, out_dir: Path) -> dict:
     import torch
 
     from recstab.lit.module import VideoRestorationModule
+    from recstab.lit.preflight import read_recstab_checkpoint
 
     if cfg.method not in METHODS:
         raise ValueError(f"method={cfg.method!r}; valid: {', '.join(METHODS)}")
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path=<checkpoint> is required (a .ckpt written by src/train.py)")
     path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    ckpt = read_recstab_checkpoint(path)  # a missing file or a foreign one: what to do, in one line
     torch.manual_seed(int(cfg.seed))
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     module = VideoRestorationModule.load_from_checkpoint(str(path), map_location="cpu")
     from recstab.norms import refresh
     refresh(module.model)  # exact power-iteration vectors (a no-op without a norm)

@@ -88,6 +88,31 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict:
     return checkpoint
 
 
+def read_recstab_checkpoint(path: str | os.PathLike) -> dict:
+    """:func:`read_checkpoint`, with what to do when the file is a torch file but not a checkpoint of src/train.py
+    (a plain state dict or a pickled module: diagnose it from Python)."""
+    path = Path(path)
+    try:
+        return read_checkpoint(path)
+    except MissingCheckpointError:
+        raise
+    except PreflightError as error:
+        if "not a checkpoint of src/train.py" not in str(error):
+            raise
+        raise PreflightError(
+            f"ckpt_path={str(path)!r} is not a checkpoint of src/train.py (a plain state dict or a pickled module?). "
+            "Diagnose your own model from Python: wrap it (recstab.models.StepModel / ClipModel, README 'Diagnose "
+            "your own model') and call recstab.diagnostics.stability_report(model, out_dir)") from None
+
+
+def user_errors() -> tuple:
+    """The errors a user fixes by changing the command: the scripts print them as one line ``Error: ...``
+    (no traceback; HYDRA_FULL_ERROR=1 shows it). Any other exception is a bug and keeps its traceback."""
+    from recstab.data.long_video import VideoDecodeError
+    from recstab.diagnostics.workfiles import ResumeMismatch
+    return PreflightError, ResumeMismatch, VideoDecodeError, FileNotFoundError, ValueError
+
+
 def model_spec(config: dict) -> dict:
     """The model-defining values of a module config or of a checkpoint's hyper-parameters.
 
