@@ -141,7 +141,7 @@ def test_he_init_makes_untrained_recurrent_models_diverge():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(backbone="unet"), "valid backbones: vdncnn, vresnet"),
-    (dict(recurrence="lstm"), "valid recurrences: none, mf3"),
+    (dict(recurrence="lstm"), "valid: none, shift, feat, frame, rlsp, birlsp, mf<k>"),
     (dict(task="sr4"), "valid tasks: denoise, sr2"),
 ])
 def test_unknown_names_list_the_valid_choices(kwargs, match):

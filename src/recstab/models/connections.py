@@ -231,17 +231,25 @@ class BiRLSP(RLSP):
 
 CONNECTIONS = {c.name: c for c in (TemporalConnection, FeatureShift, FeatureRecurrence, FrameRecurrence,
                                    RLSP, BiRLSP)}
-RECURRENCES = ("none", "mf3", "mf7", "shift", "feat", "frame", "rlsp", "birlsp",
-               "rlsp-mf3", "rlsp-mf7", "birlsp-mf3", "birlsp-mf7")
+WINDOWS = (3, 7)  # the multi-frame windows of the paper (appendix B); connection() takes any k >= 2
+RECURRENCES = ("none", *(f"mf{k}" for k in WINDOWS), *(name for name in CONNECTIONS if name != "none"),
+               *(f"{name}-mf{k}" for name in ("rlsp", "birlsp") for k in WINDOWS))  # the paper's names
 
 
 def connection(recurrence: str | TemporalConnection) -> TemporalConnection:
-    """``'rlsp-mf3'`` -> ``RLSP(window=3)``; ``'mf7'`` -> ``NoRecurrence(window=7)``; objects pass through."""
+    """A name as the configs write it -> the connection: ``'rlsp-mf3'`` -> ``RLSP(window=3)``,
+    ``'mf7'`` -> ``NoRecurrence(window=7)``, ``'feat'`` -> ``FeatureRecurrence()``; objects pass through.
+
+    The grammar: ``<name>`` (a key of :data:`CONNECTIONS`), ``mf<k>`` or ``<name>-mf<k>`` (a causal
+    window of k >= 2 input frames); :data:`RECURRENCES` lists the paper's."""
     if isinstance(recurrence, TemporalConnection):
         return recurrence
-    if recurrence not in RECURRENCES:
-        raise ValueError(f"unknown recurrence {recurrence!r}; valid recurrences: {', '.join(RECURRENCES)}")
-    name, _, window = recurrence.partition("-")
-    if name.startswith("mf"):
-        return TemporalConnection(window=int(name[2:]))
-    return CONNECTIONS[name](window=int(window[2:]) if window else 1)
+    name, _, window = str(recurrence).partition("-")
+    if name.startswith("mf") and not window:
+        name, window = "none", name
+    k = window[2:] if window.startswith("mf") else ""
+    if (name not in CONNECTIONS or (window and not (k.isdigit() and int(k) >= 2))
+            or (name == "none" and "-" in str(recurrence))):
+        raise ValueError(f"unknown recurrence {recurrence!r}; valid: {', '.join(CONNECTIONS)}, mf<k>, <name>-mf<k> "
+                         f"(k >= 2 input frames), e.g. {', '.join(RECURRENCES)}")
+    return CONNECTIONS[name](window=int(k) if window else 1)
