@@ -28,8 +28,11 @@ def rows(dirs: list[str]) -> tuple[list[dict], list[str]]:
         matched = [r for r in runs if str(r.path) in row["dirs"]]
         ours = dict(row["ours"])
         ours["gain"] = (ours["psnr_7"] - ours["psnr_1"]) if ours.get("psnr_7") is not None else None
-        rho = matched[0].value("norm.rho") if matched[0].value("norm.name") == "certified" else None
-        out.append({"name": row["name"], "rho": rho, "dirs": row["dirs"], **ours})
+        certified = matched[0].value("norm.name") == "certified"
+        rho = matched[0].value("norm.rho") if certified else None
+        family = ("certified + SRN-C base" if matched[0].value("norm.base") is not None else "certified, base=null") \
+            if certified else None
+        out.append({"name": row["name"], "rho": rho, "family": family, "dirs": row["dirs"], **ours})
     return out, table.notes
 
 
@@ -49,14 +52,17 @@ def figure(table: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    certified = sorted((r for r in table if r["rho"] is not None), key=lambda r: r["rho"])
+    families = sorted({r["family"] for r in table if r["rho"] is not None})
     references = [r for r in table if r["rho"] is None]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((axes[0], "psnr_mean", "test PSNR_mean (dB)"), (axes[1], "gain", "PSNR_7 − PSNR_1 (dB)")):
-        ax.plot([r["rho"] for r in certified], [r[key] for r in certified], marker="o", color="C0",
-                label="certified (L̂ ≤ ρ)")
+        for j, family in enumerate(families):
+            certified = sorted((r for r in table if r["family"] == family), key=lambda r: r["rho"])
+            ax.plot([r["rho"] for r in certified], [r[key] for r in certified], marker="o", color=f"C{j}",
+                    label=f"{family} (L̂ ≤ ρ)")
         for i, r in enumerate(references):
-            ax.axhline(r[key], color=f"C{i + 1}", ls="--", label=f"{r['name']} (L̂ = {fmt('bound', r['bound'])})")
+            ax.axhline(r[key], color=f"C{i + len(families)}", ls="--",
+                       label=f"{r['name']} (L̂ = {fmt('bound', r['bound'])})")
         ax.set(xlabel="ρ (certified contraction factor)", ylabel=label)
         ax.grid(alpha=0.3)
     axes[1].axhline(0.3, color="grey", lw=0.8, ls=":")
