@@ -412,5 +412,8 @@ def test_channel_mismatch_and_short_video_are_refused_before_anything_runs(tmp_p
     # inside measure() (a training monitor must not die of its video) the section is skipped, saying why
     lenient = check_input(tiny(), spec, rgb[:29], strict=False)
     assert lenient["refused"]["lyapunov"].startswith("λ₁ needs at least 30 frames")
+    grey = build_model("vresnet", "feat", "denoise", 8, in_channels=1)
+    lenient = check_input(grey, spec, rgb, strict=False)
+    assert set(lenient["refused"]) == {"lyapunov", "onsets"} and "expects 1" in lenient["refused"]["onsets"]
     sr = build_model("vresnet", "feat", "sr2", 8)
     assert "cropped to 8×10" in check_input(sr, spec.only("onsets"), list(torch.rand(5, 3, 9, 11)))["notes"][0]

@@ -244,7 +244,8 @@ def measure(model: nn.Module, spec=None, *, clean_frames=None, sigma: float = 30
     streams = list(onset_streams) if onset_streams is not None else ([clean_frames] if clean_frames is not None
                                                                       else [])
 
-    # the video against the model and the spec: refused (ValueError) before anything is measured
+    # the video against the model and the spec: what it cannot measure is skipped, saying why (the scripts
+    # call check_input strict first, so that a user gets one line before anything starts)
     result.input = check_input(model, spec, streams[0] if streams else None, task=task, burst=burst, strict=False)
     for note in result.input.get("notes", []):
         log.warning("input: %s", note)
@@ -367,8 +368,8 @@ def check_input(model: nn.Module, spec: MeasureSpec, stream, *, task: str | None
     Refused (ValueError naming the value and what is valid): frames whose channels differ from the
     model's (3 into 1: ``long_video.gray=true`` converts; 1 into 3: decode as RGB), a video shorter than
     λ₁'s burn-in plus the frames its error bar needs, or than the burst window. ``strict=False`` (what
-    :func:`measure` does, so that a training monitor never dies of its video) returns the refusals of the
-    last two in ``refused`` ({section: why}) and those sections are skipped with that reason; the
+    :func:`measure` does, so that a training monitor never dies of its video) returns the refusals in
+    ``refused`` ({section: why}) and those sections are skipped with that reason; the
     scripts call it strict before anything starts. A one-shot iterator is not read (nothing can be
     checked without consuming it).
     """
@@ -402,7 +403,9 @@ def check_input(model: nn.Module, spec: MeasureSpec, stream, *, task: str | None
             how = ("convert to luma with long_video.gray=true (LongVideo(..., gray=True))" if c == 3 and model_c == 1
                    else "decode the video as RGB (long_video.gray=false)" if c == 1 and model_c == 3
                    else f"give frames of {model_c} channels")
-            raise ValueError(f"the video's frames have {c} channel(s), the model expects {model_c}: {how}")
+            message = f"the video's frames have {c} channel(s), the model expects {model_c}: {how}"
+            refuse("lyapunov", message)
+            refuse("onsets", message)
         if getattr(stream, "gray", False):
             out["notes"].append("the video is converted to one luma channel (BT.601) for the 1-channel model")
         elif c == 3 and bool((first[0] == first[1]).all() and (first[1] == first[2]).all()):
