@@ -321,7 +321,8 @@ def stabilise_dampening(module, measure_lam, datamodule, cfg: DictConfig, out_di
 
 
 def certified_norm(rho: float) -> dict:
-    """The norm of (c): conf/norm/certified.yaml at ``rho``."""
+    """The norm of (c): conf/norm/certified.yaml at ``rho``, without its SRN-C base (a base would rescale every
+    trained kernel at load; the fine-tune keeps the trained feed-forward path as it is)."""
     return {"_target_": "recstab.norms.certified.CertifiedLoop", "name": "certified", "rho": float(rho)}
 
 
@@ -375,6 +376,8 @@ def stabilise(cfg: DictConfig, out_dir: Path) -> dict:
 
     if cfg.method not in METHODS:
         raise ValueError(f"method={cfg.method!r}; valid: {', '.join(METHODS)}")
+    if cfg.method == "certify" and not 0 < float(cfg.certify.rho) < 1:
+        raise ValueError(f"certify.rho must be in (0, 1) (the certified contraction factor), got {cfg.certify.rho}")
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path=<checkpoint> is required (a .ckpt written by src/train.py)")
     path = Path(cfg.ckpt_path)
@@ -408,10 +411,7 @@ def stabilise(cfg: DictConfig, out_dir: Path) -> dict:
                                                  out_dir / "finetune", ckpt)
         log.info("finetune: %s", (out_dir / "finetune" / "report.md").read_text())
     if cfg.method == "certify":
-        rho = float(cfg.certify.rho)
-        if not 0 < rho < 1:
-            raise ValueError(f"certify.rho must be in (0, 1) (the certified contraction factor), got {rho}")
         reports["certify"] = stabilise_finetune(module, measure_lam, datamodule, data_cfg, cfg, out_dir / "certify",
-                                                ckpt, norm=certified_norm(rho))
+                                                ckpt, norm=certified_norm(float(cfg.certify.rho)))
         log.info("certify: %s", (out_dir / "certify" / "report.md").read_text())
     return reports
