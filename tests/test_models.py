@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from recstab.models import RECURRENCES, RLSP, LoopCertificate, StreamingNotSupported, build_model, count_parameters
+from recstab.models import (RECURRENCES, RLSP, BidirectionalVideoModel, LoopCertificate, StreamingNotSupported,
+                            build_model, count_parameters)
 
 # Table 1 of the paper (64 channels, denoising); tolerance 2 %.
 TABLE1 = {
@@ -164,8 +166,8 @@ class AveragedRLSP(RLSP):
     def update(self, state, hidden, block_in, block_out, output):
         return {"hidden": 0.5 * (state["hidden"] + hidden)}
 
-    def certificate(self, model, conv_norm):
-        chain = super().certificate(model, conv_norm)  # h_t as a function of m_{t-1}
+    def certificate(self, body, tail, conv_norm, dampening):
+        chain = super().certificate(body, tail, conv_norm, dampening)  # h_t as a function of m_{t-1}
         return LoopCertificate(0.5 + 0.5 * chain.bound, chain.norm)
 
 
@@ -181,3 +183,37 @@ def test_a_new_connection_is_one_class():
         torch.testing.assert_close(torch.cat([first, rest], 1), model(x))
     half = lambda weight: 0.5  # noqa: E731
     assert model.loop_certificate(half).bound == pytest.approx(0.5 + 0.5 * 0.5 ** 3)  # head, 2 blocks
+
+
+def test_bidirectional_is_two_directions_whose_tails_form_the_papers_joined_tail():
+    """y_t = x_t + T * [h_t^f, h_t^b] with T = [T_f, T_b] and one bias b_f + b_b; an earlier-layout
+    checkpoint (body, body_backward, one tail over 2C channels) loads into the two directions."""
+    torch.manual_seed(0)
+    model = build_model("vresnet", "birlsp-mf3", "denoise", channels=8, depth=2).double().eval()
+    assert isinstance(model, BidirectionalVideoModel) and model.recurrence == "birlsp-mf3"
+    assert isinstance(model.causal.connection, RLSP) and model.causal.window == 3
+    x = torch.rand(2, 5, 3, 12, 12, dtype=torch.float64)  # float64: the two sums are ordered differently
+    hiddens = {}
+    for name in ("causal", "anticausal"):
+        getattr(model, name).tail.register_forward_hook(
+            lambda m, inputs, out, name=name: hiddens.setdefault(name, []).append(inputs[0]))
+    with torch.no_grad():
+        y = model(x)
+        joined = torch.cat([torch.stack(hiddens["causal"], 1), torch.stack(hiddens["anticausal"][::-1], 1)], 2)
+        weight = torch.cat([model.causal.tail.weight, model.anticausal.tail.weight], 1)
+        bias = model.causal.tail.bias + model.anticausal.tail.bias
+        expected = x + F.conv2d(joined.flatten(0, 1), weight, bias, padding=1).unflatten(0, (2, 5))
+    torch.testing.assert_close(y, expected)
+
+    old = {k.replace("causal.body.", "body.", 1) if k.startswith("causal.") else
+           k.replace("anticausal.body.", "body_backward.", 1): v
+           for k, v in model.state_dict().items() if ".tail." not in k}
+    old["tail.weight"], old["tail.bias"] = weight, bias
+    torch.manual_seed(1)
+    fresh = build_model("vresnet", "birlsp-mf3", "denoise", channels=8, depth=2).double().eval()
+    fresh.load_state_dict(old)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y)
+    model.dampening = 0.5
+    assert model.causal.dampening == model.anticausal.dampening == 0.5 == model.dampening
+    assert len(model.recurrent_convs()) == 2 * len(model.causal.recurrent_convs())

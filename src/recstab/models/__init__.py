@@ -21,7 +21,7 @@ from recstab.models.certificate import (LoopCertificate, chain_certificate, defa
 from recstab.models.connections import (CONNECTIONS, RECURRENCES, BiRLSP, FeatureRecurrence, FeatureShift,
                                         FrameRecurrence, NoRecurrence, RLSP, TemporalConnection, connection)
 from recstab.models.interface import TASKS, StreamingNotSupported, VideoModel, check_clip
-from recstab.models.temporal import INITS, RecurrentVideoModel
+from recstab.models.temporal import INITS, BidirectionalVideoModel, RecurrentVideoModel
 
 
 def _baselines() -> dict:
@@ -54,6 +54,8 @@ def build_model(backbone: str = "vresnet", recurrence: str | TemporalConnection 
     elif backbone not in BACKBONES:
         valid = ", ".join(list(BACKBONES) + list(baselines))
         raise ValueError(f"unknown backbone {backbone!r}; valid backbones: {valid}")
+    elif connection(recurrence).bidirectional:
+        model = BidirectionalVideoModel.build(backbone, connection(recurrence), task, channels, in_channels, depth, init)
     else:
         model = RecurrentVideoModel(backbone, recurrence, task, channels, in_channels, depth, init)
     if norm is not None:
@@ -78,7 +80,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["build_model", "count_parameters", "VideoModel", "StepModel", "ClipModel", "chain_certificate",
-           "triangular_certificate", "unbounded_certificate", "default_conv_norm", "RecurrentVideoModel", "StreamingNotSupported",
+           "triangular_certificate", "unbounded_certificate", "default_conv_norm", "RecurrentVideoModel",
+           "BidirectionalVideoModel", "StreamingNotSupported",
            "LoopCertificate", "TemporalConnection", "NoRecurrence", "FeatureShift", "FeatureRecurrence",
            "FrameRecurrence", "RLSP", "BiRLSP", "CONNECTIONS", "connection", "check_clip",
            "BACKBONES", "RECURRENCES", "TASKS", "INITS", "he_init_"]

@@ -9,6 +9,10 @@ asks, at every frame, what to feed and what to keep. It owns four things:
 - its **in-loop convs** (``loop_convs``): what a Lipschitz constraint must bind;
 - its **part of the bound** (``certificate``): see :mod:`recstab.models.certificate`.
 
+It receives the parts of the model it feeds — the backbone ``body`` (``head``, ``blocks``,
+``convs()``, ``chain_factors()``: :class:`~recstab.models.backbones.Backbone`) and the ``tail``
+conv — and the model's numbers (dampening λ, output scale), never the model itself.
+
 =================== ========================================================= ==========
 class (name)        carried from t−1 to t                                     recurrent
 =================== ========================================================= ==========
@@ -21,7 +25,9 @@ class (name)        carried from t−1 to t                                     
 ``FrameRecurrence`` the previous output frame, fed to the head                yes
 (frame)             (space-to-depth for sr2)
 ``RLSP`` (rlsp)     the previous last hidden features, fed to the head        yes
-``BiRLSP`` (birlsp) RLSP forward and backward in time, hidden features joined yes
+``BiRLSP`` (birlsp) RLSP forward and backward in time: two one-directional    yes
+                    RLSP models, their residuals added
+                    (:class:`~recstab.models.temporal.BidirectionalVideoModel`)
 =================== ========================================================= ==========
 
 Every connection takes ``window`` (the multi-frame input of appendix B: ``rlsp-mf3`` is
@@ -74,12 +80,13 @@ class TemporalConnection:
         return 0
 
     # -- state and step ----------------------------------------------------------------------
-    def initial_state(self, model, x: torch.Tensor) -> dict:
+    def initial_state(self, x: torch.Tensor, body, scale: int) -> dict:
+        """The fed-back tensors before the first frame of clip ``x`` (B×T×C×H×W), all zero."""
         return {}
 
-    def feed(self, model, state: dict) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def feed(self, state: dict, dampening: float, scale: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """(extra head inputs, per-block side inputs or None) for the current frame; the
-        fed-back signals are scaled by ``model.dampening``."""
+        fed-back signals are scaled by ``dampening``."""
         return [], None
 
     def update(self, state: dict, hidden, block_in, block_out, output) -> dict:
@@ -87,15 +94,15 @@ class TemporalConnection:
         return {}
 
     # -- stability structure -----------------------------------------------------------------
-    def loop_convs(self, model) -> list:
+    def loop_convs(self, body, tail) -> list:
         return []
 
-    def memory(self, model) -> int:
+    def memory(self, body) -> int:
         """Input frames y_t depends on, for connections without a loop."""
         return self.window
 
-    def certificate(self, model, conv_norm) -> LoopCertificate:
-        return feedforward_certificate(self.memory(model))
+    def certificate(self, body, tail, conv_norm, dampening: float) -> LoopCertificate:
+        return feedforward_certificate(self.memory(body))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(window={self.window})"
@@ -108,9 +115,9 @@ def _damp(tensor: torch.Tensor, dampening: float) -> torch.Tensor:
     return tensor if dampening == 1 else dampening * tensor  # no copy when dampening is off
 
 
-def _zeros_like_features(model, x: torch.Tensor, count: int) -> list[torch.Tensor]:
+def _zeros_like_features(body, x: torch.Tensor, count: int) -> list[torch.Tensor]:
     b, _, _, h, w = x.shape
-    return [x.new_zeros(b, model.channels, h, w) for _ in range(count)]
+    return [x.new_zeros(b, body.head.out_channels, h, w) for _ in range(count)]
 
 
 class FeatureShift(TemporalConnection):
@@ -121,17 +128,17 @@ class FeatureShift(TemporalConnection):
     def side_channels(self, channels: int) -> int:
         return channels
 
-    def initial_state(self, model, x):
-        return {"features": _zeros_like_features(model, x, len(model.body.blocks))}
+    def initial_state(self, x, body, scale):
+        return {"features": _zeros_like_features(body, x, len(body.blocks))}
 
-    def feed(self, model, state):
+    def feed(self, state, dampening, scale):
         return [], state["features"]
 
     def update(self, state, hidden, block_in, block_out, output):
         return {"features": block_in}
 
-    def memory(self, model) -> int:
-        return self.window + len(model.body.blocks)  # block l's side reaches l frames back
+    def memory(self, body) -> int:
+        return self.window + len(body.blocks)  # block l's side reaches l frames back
 
 
 class FeatureRecurrence(TemporalConnection):
@@ -143,21 +150,21 @@ class FeatureRecurrence(TemporalConnection):
     def side_channels(self, channels: int) -> int:
         return channels
 
-    def initial_state(self, model, x):
-        return {"features": _zeros_like_features(model, x, len(model.body.blocks))}
+    def initial_state(self, x, body, scale):
+        return {"features": _zeros_like_features(body, x, len(body.blocks))}
 
-    def feed(self, model, state):
-        return [], [_damp(f, model.dampening) for f in state["features"]]
+    def feed(self, state, dampening, scale):
+        return [], [_damp(f, dampening) for f in state["features"]]
 
     def update(self, state, hidden, block_in, block_out, output):
         return {"features": block_out}
 
-    def loop_convs(self, model) -> list:
-        return [conv for block in model.body.blocks for conv in block.convs()]
+    def loop_convs(self, body, tail) -> list:
+        return [conv for block in body.blocks for conv in block.convs()]
 
-    def certificate(self, model, conv_norm) -> LoopCertificate:
-        main, own = zip(*(block.lipschitz(conv_norm) for block in model.body.blocks))
-        return triangular_certificate(main, own, model.dampening,
+    def certificate(self, body, tail, conv_norm, dampening) -> LoopCertificate:
+        main, own = zip(*(block.lipschitz(conv_norm) for block in body.blocks))
+        return triangular_certificate(main, own, dampening,
                                       state=f"the {len(own)} block outputs o_l of frame t−1")
 
 
@@ -170,23 +177,24 @@ class FrameRecurrence(TemporalConnection):
     def fed_channels(self, in_channels, channels, scale):
         return in_channels * scale ** 2
 
-    def initial_state(self, model, x):
+    def initial_state(self, x, body, scale):
         b, _, c, h, w = x.shape
-        return {"output": x.new_zeros(b, c, h * model.scale, w * model.scale)}
+        return {"output": x.new_zeros(b, c, h * scale, w * scale)}
 
-    def feed(self, model, state):
-        return [F.pixel_unshuffle(_damp(state["output"], model.dampening), model.scale)], None
+    def feed(self, state, dampening, scale):
+        return [F.pixel_unshuffle(_damp(state["output"], dampening), scale)], None
 
     def update(self, state, hidden, block_in, block_out, output):
         return {"output": output}
 
-    def loop_convs(self, model) -> list:
-        return model.body.convs() + [model.tail]
+    def loop_convs(self, body, tail) -> list:
+        return body.convs() + [tail]
 
-    def certificate(self, model, conv_norm) -> LoopCertificate:
-        factors = model.body.chain_factors(conv_norm, fed_from=model.in_channels * self.window)
-        factors["tail"] = conv_norm(model.tail.weight)
-        return chain_certificate(factors, model.dampening, "the fed-back output frame y_{t−1}")
+    def certificate(self, body, tail, conv_norm, dampening) -> LoopCertificate:
+        fed_from = body.head.in_channels - tail.out_channels  # the head's last inputs: the unshuffled y_{t−1}
+        factors = body.chain_factors(conv_norm, fed_from)
+        factors["tail"] = conv_norm(tail.weight)
+        return chain_certificate(factors, dampening, "the fed-back output frame y_{t−1}")
 
 
 class RLSP(TemporalConnection):
@@ -198,35 +206,36 @@ class RLSP(TemporalConnection):
     def fed_channels(self, in_channels, channels, scale):
         return channels
 
-    def initial_state(self, model, x):
-        return {"hidden": _zeros_like_features(model, x, 1)[0]}
+    def initial_state(self, x, body, scale):
+        return {"hidden": _zeros_like_features(body, x, 1)[0]}
 
-    def feed(self, model, state):
-        return [_damp(state["hidden"], model.dampening)], None
+    def feed(self, state, dampening, scale):
+        return [_damp(state["hidden"], dampening)], None
 
     def update(self, state, hidden, block_in, block_out, output):
         return {"hidden": hidden}
 
-    def loop_convs(self, model) -> list:
-        return [conv for body in model.bodies for conv in body.convs()]
+    def loop_convs(self, body, tail) -> list:
+        return body.convs()
 
-    def certificate(self, model, conv_norm) -> LoopCertificate:
-        fed_from = model.in_channels * self.window
-        certificates = [chain_certificate(body.chain_factors(conv_norm, fed_from), model.dampening,
-                                          "the fed-back hidden features h_{t−1}") for body in model.bodies]
-        return max(certificates, key=lambda c: c.bound)
+    def certificate(self, body, tail, conv_norm, dampening) -> LoopCertificate:
+        fed_from = body.head.in_channels - body.head.out_channels  # the head's last inputs: h_{t−1}
+        return chain_certificate(body.chain_factors(conv_norm, fed_from), dampening,
+                                 "the fed-back hidden features h_{t−1}")
 
 
 class BiRLSP(RLSP):
-    """RLSP forward and backward in time (whole sequences only); the tail sees both."""
+    """RLSP forward and backward in time (whole sequences only).
+
+    What a config names; the model is two one-directional :class:`RLSP` models
+    (:meth:`direction`) composed by :class:`~recstab.models.temporal.BidirectionalVideoModel`."""
 
     name = "birlsp"
     bidirectional = True
 
-    def certificate(self, model, conv_norm) -> LoopCertificate:
-        cert = super().certificate(model, conv_norm)
-        return LoopCertificate(cert.bound, cert.norm + ", for each direction's recurrence (the larger bound)",
-                               cert.weights, cert.factors)
+    def direction(self) -> RLSP:
+        """The connection of each direction."""
+        return RLSP(window=self.window)
 
 
 CONNECTIONS = {c.name: c for c in (TemporalConnection, FeatureShift, FeatureRecurrence, FrameRecurrence,

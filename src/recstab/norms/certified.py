@@ -195,8 +195,10 @@ class CertifiedLoop:
         from recstab.models.backbones import ConvReLU, ResidualBlock
         from recstab.models.baselines import DBDNet
         from recstab.models.connections import FeatureRecurrence, FrameRecurrence, RLSP
-        from recstab.models.temporal import RecurrentVideoModel
+        from recstab.models.temporal import BidirectionalVideoModel, RecurrentVideoModel
 
+        if isinstance(model, BidirectionalVideoModel):  # each direction's loop, as its own model
+            return self.plan(model.causal) + self.plan(model.anticausal)
         valid = (f"recurrence {', '.join(CERTIFIED_RECURRENCES)} of the vdncnn and vresnet backbones, "
                  "and the dbdnet baseline")
         if isinstance(model, DBDNet):
@@ -226,8 +228,7 @@ class CertifiedLoop:
             return plan
         budget, fed_from = self.rho * (1 - MARGIN), model.in_channels * model.window
         tail = (("conv", model.tail),) if isinstance(connection, FrameRecurrence) else ()
-        return [(body.head, fed_from, budget, tuple(("block", b) for b in body.blocks) + tail)
-                for body in model.bodies]
+        return [(model.body.head, fed_from, budget, tuple(("block", b) for b in model.body.blocks) + tail)]
 
     def __call__(self, model: nn.Module) -> nn.Module:
         plan = self.plan(model)
