@@ -63,15 +63,26 @@ def load_model(cfg: DictConfig):
 
 
 def checkpoint_name(hparams: dict) -> str:
-    """The report's name from the checkpoint's own model: backbone-recurrence-task-norm-<channels>ch."""
+    """The report's name from the checkpoint's own model: model-recurrence-task-norm-<channels>ch, the model its
+    ``backbone`` (vdncnn, vresnet; a baseline in older checkpoints) or the ``name`` of its ``_target_`` class
+    (fastdvdnet, ...; else the class's own name)."""
     model = dict(hparams.get("model") or {})
     norm = dict(hparams.get("norm") or model.get("norm") or {})
     recurrence = model.get("recurrence")
     recurrence = recurrence.get("name") if isinstance(recurrence, dict) else recurrence
-    parts = [model.get("backbone") or str(model.get("_target_", "model")).rsplit(".", 1)[-1], recurrence,
+    parts = [model.get("backbone") or target_name(str(model.get("_target_", "model"))), recurrence,
              model.get("task"), norm.get("name", norm.get("kind", "none")),
              f"{model['channels']}ch" if model.get("channels") else None]
     return "-".join(str(p) for p in parts if p)
+
+
+def target_name(target: str) -> str:
+    """The ``name`` of the class ``target`` names (``recstab.models.baselines.FastDVDnet`` -> ``fastdvdnet``), else
+    the last part of the path (a class without one, or one that does not import here)."""
+    from recstab.lit.preflight import locate
+
+    name = getattr(locate(target), "name", None)
+    return name if isinstance(name, str) else target.rsplit(".", 1)[-1]
 
 
 def report_dir(cfg: DictConfig, out_dir: Path) -> Path:
@@ -145,6 +156,9 @@ def run_fig2(cfg: DictConfig, out_dir: Path, run=None):
     from recstab.lit.publish import publish_image, publish_metrics
 
     f = OmegaConf.to_container(cfg.fig2, resolve=True)
+    if f["backbone"] is None:
+        raise ValueError(f"Figure 2 draws every temporal connection on one backbone, model=vresnet or model=vdncnn; "
+                         f"the chosen model ({cfg.model._target_}) has none")
     result = figure2(out_dir / "fig2.png", connections=f["connections"], backbone=f["backbone"],
                      channels=int(f["channels"]), depth=f.get("depth"), frames=int(f["frames"]),
                      size=int(f["size"]), seed=int(f["seed"]))

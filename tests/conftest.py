@@ -45,9 +45,9 @@ CONF = ROOT / "conf"
 def _compose(config_name: str = "train", overrides=(), output_dir: Path | None = None):
     """Compose conf/<config_name>.yaml as `python src/<config_name>.py <overrides>` would.
 
-    With ``output_dir`` the Hydra runtime is set up as for a real run writing there
-    (``${hydra:runtime.output_dir}``, ``paths.log_dir=<output_dir>/logs``), so the config
-    can be handed to ``run_training`` directly.
+    The Hydra runtime is set (``${hydra:...}`` resolves); with ``output_dir`` as for a real run
+    writing there (``${hydra:runtime.output_dir}``, ``paths.log_dir=<output_dir>/logs``), so the
+    config can be handed to ``run_training`` directly.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
@@ -60,7 +60,7 @@ def _compose(config_name: str = "train", overrides=(), output_dir: Path | None =
             cfg.hydra.runtime.output_dir = str(output_dir)
             cfg.hydra.job.num = 0
             cfg.paths.log_dir = str(Path(output_dir) / "logs")
-        HydraConfig.instance().set_config(cfg)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.choices.model} (run_name) resolves as in a run
     return cfg
 
 

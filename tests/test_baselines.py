@@ -1,14 +1,21 @@
-"""The Table 1 baselines: size, shapes, the sequence API, streaming, dampening, BM3D."""
+"""The Table 1 baselines: size, shapes, the sequence API, streaming, dampening, BM3D, their configs; a new
+baseline is one class and one config file; checkpoints of the older build_model(backbone=...) configs load."""
 
 import importlib.util
 import math
 
 import hydra
+import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
+from torch import nn
 
-from recstab.models import build_model, count_parameters
-from recstab.models.baselines import BASELINES, FastDVDnet
+from recstab.lit.launch import run_training
+from recstab.lit.module import VideoRestorationModule
+from recstab.lit.preflight import check_checkpoint
+from recstab.models import VideoModel, build_model, count_parameters
+from recstab.models.baselines import BASELINES, FRVSR, FastDVDnet
 from recstab.models.temporal import StreamingNotSupported
 
 LEARNED = ("fastdvdnet", "frvsr", "dbdnet")
@@ -44,8 +51,15 @@ def test_channels_resize_the_widths_and_64_is_the_published_model(name):
 def test_depth_resizes_frvsr_and_dbdnet_and_is_refused_by_fastdvdnet():
     assert len(build_model("frvsr", channels=8, depth=2).blocks) == 2
     assert len(build_model("dbdnet", channels=8, depth=3).multi) == 3
-    with pytest.raises(ValueError, match="FastDVDnet has a fixed depth \\(got depth=3\\)"):
+    with pytest.raises(ValueError, match=r"fastdvdnet has no depth \(got depth=3\); its arguments: task, in_channels, "
+                                         r"channels, noise_sigma, causal"):
         build_model("fastdvdnet", depth=3)
+    with pytest.raises(ValueError, match=r"bm3d has no channels \(got channels=8\)"):
+        build_model("bm3d", channels=8)
+    with pytest.raises(ValueError, match="recurrence='feat' is for the backbones vdncnn, vresnet"):
+        build_model("frvsr", "feat")
+    with pytest.raises(ValueError, match="dbdnet is He-initialised: init='near_identity'"):
+        build_model("dbdnet", init="near_identity")
     with pytest.raises(ValueError, match="even and >= 2, got 7"):
         build_model("fastdvdnet", channels=7)
 
@@ -156,11 +170,70 @@ def test_bad_task_and_input(name):
 
 @pytest.mark.parametrize("name", list(BASELINES))
 def test_model_configs(compose, name):
-    """`model=<baseline>` composes into a build_model config that instantiates the baseline."""
-    cfg = compose("train", [f"model={name}"])
-    assert cfg.model.backbone == name and cfg.model._target_ == "recstab.models.build_model"
+    """`model=<baseline>` composes into the config of its class, named by `_target_`."""
+    cfg = compose("train", [f"model={name}", "experiment=paper"])
+    assert cfg.model._target_ == f"recstab.models.baselines.{BASELINES[name].__name__}"
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
-    assert isinstance(model, BASELINES[name]) and model.in_channels == cfg.model.in_channels
+    assert type(model) is BASELINES[name] and model.name == name and model.in_channels == cfg.model.in_channels
+    if name in EXACT:
+        assert count_parameters(model) == EXACT[name]  # experiment=paper: the published architecture
+
+
+class FrameCNN(VideoModel):
+    """A new baseline: every frame alone through two convs, added to it (feedforward, streamable)."""
+
+    name = "framecnn"
+    memory = 1
+
+    def __init__(self, task: str = "denoise", in_channels: int = 3, channels: int = 16):
+        super().__init__()
+        self.task, self.in_channels = task, in_channels
+        self.body = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(channels, in_channels, 3, padding=1))
+
+    def initial_state(self, x: torch.Tensor) -> dict:
+        return {}
+
+    def step(self, frame: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        return frame + self.body(frame), state
+
+
+def test_a_new_baseline_is_one_class_and_one_config_file(compose, tmp_path):
+    """The class above and conf/model/framecnn.yaml (written into a search-path folder of the test, as a user's
+    package adds its own conf/): `model=framecnn` takes the run's width, composes with experiment=paper (whose init
+    it does not have), trains under debug=smoke and loads from its checkpoint. Nothing is registered."""
+    (tmp_path / "plugin" / "model").mkdir(parents=True)
+    (tmp_path / "plugin" / "model" / "framecnn.yaml").write_text(
+        f"_target_: {__name__}.FrameCNN\ntask: ${{task.name}}\nin_channels: 3\nchannels: ${{width}}\n")
+    chosen = [f"hydra.searchpath=[file://{tmp_path / 'plugin'}]", "model=framecnn", "logger=csv"]
+    paper = hydra.utils.instantiate(compose("train", [*chosen, "experiment=paper"]).model, _convert_="all")
+    assert isinstance(paper, FrameCNN) and paper.body[0].out_channels == 64
+    cfg = compose("train", [*chosen, "debug=smoke"], output_dir=tmp_path / "run")
+    assert cfg.run_name == "framecnn-feat-denoise-none"
+    metrics = run_training(cfg)
+    assert math.isfinite(metrics["test/psnr_mean"])
+    module = VideoRestorationModule.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt",
+                                                         map_location="cpu")
+    assert isinstance(module.model, FrameCNN) and module.model.body[0].out_channels == 8  # debug=smoke's width
+
+
+def test_a_checkpoint_of_an_older_baseline_config_loads(compose, tmp_path):
+    """Before the baselines had configs of their own, a checkpoint's model config was
+    `{_target_: recstab.models.build_model, backbone: frvsr, ...}` (with experiment=paper's `init: he`): it still
+    builds the same model, and today's `model=frvsr` accepts it as the model it configures."""
+    old = {"_target_": "recstab.models.build_model", "backbone": "frvsr", "task": "denoise", "in_channels": 3,
+           "channels": 8, "init": "he"}
+    module = VideoRestorationModule(model=old)
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    loaded = VideoRestorationModule.load_from_checkpoint(path, map_location="cpu").eval()
+    assert type(loaded.model) is FRVSR and loaded.hparams.model == old
+    x = clip(t=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), module.eval()(x))
+    today = compose("train", ["model=frvsr", "model.channels=8"]).module
+    check_checkpoint(path, OmegaConf.to_container(today, resolve=True))  # no "holds another model"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bm3d") is None,

@@ -344,17 +344,19 @@ def test_cli_smoke_run_checkpoint_reloaded_is_certified_from_its_weights(tmp_pat
 def test_sweep_certified_is_the_default_recipe_and_fills_each_row_once(compose, sweep_jobs):
     from pathlib import Path
 
-    from recstab.report.tables import Run, load_paper, matches
+    from recstab.report.rows import best_row
+    from recstab.report.tables import Run, load_paper
 
     cfg = compose("train", ["sweep=certified"])
     default = compose("train", [])
     assert (cfg.trainer.max_steps, cfg.model.channels, cfg.recurrence.name) == (
         default.trainer.max_steps, default.model.channels, default.recurrence.name)
     rows = load_paper("certified")["rows"]
+    identities = [r["identity"] for r in rows]
     hits = []
     for overrides in sweep_jobs(cfg):
         job = compose("train", ["sweep=certified", *overrides])
-        hits += [r["name"] for r in rows if matches(Run(Path("."), job, {}, str(job.run_name)), r["match"])]
+        hits.append(rows[best_row(Run(Path("."), job, {}, " ".join(overrides)), identities)]["name"])
         if job.norm.name == "certified":
             assert CertifiedLoop(**{k: v for k, v in job.norm.items() if k != "_target_"}).rho == job.norm.rho
             assert job.norm.base.alpha == 2.0 and job.norm.base.beta == 0.1  # the default base: SRN-C Soft
@@ -362,5 +364,4 @@ def test_sweep_certified_is_the_default_recipe_and_fills_each_row_once(compose, 
     assert sorted(hits) == sorted(r["name"] for r in rows if r["name"] not in by_hand)
     for rho in (0.5, 0.8, 0.95, 0.99):  # the loop slices alone: norm.base=null, one row each
         job = compose("train", ["norm=certified", "norm.base=null", f"norm.rho={rho}"])
-        assert [r["name"] for r in rows if matches(Run(Path("."), job, {}, "x"), r["match"])] == [
-            f"certified ρ={rho}, base=null"]
+        assert rows[best_row(Run(Path("."), job, {}, "x"), identities)]["name"] == f"certified ρ={rho}, base=null"

@@ -78,7 +78,8 @@ def test_laptop_report_columns_show_the_stability_numbers(tmp_path):
     from recstab.report.tables import Run, build_table, render_markdown
 
     def run(norm, metrics):
-        cfg = OmegaConf.create({"model": {"backbone": "vresnet"}, "norm": norm, "recurrence": {"name": "feat"}})
+        cfg = OmegaConf.create({"model": {"backbone": "vresnet"}, "norm": norm, "recurrence": {"name": "rlsp"},
+                                "task": {"name": "denoise"}})
         return Run(tmp_path, cfg, metrics, str(norm))
     runs = [run({"name": "none"}, {"test/psnr_7": 28.45, "stability/verdict": "empirically stable",
                                    "stability/bound": 12.6, "stability/lyapunov": -0.545,

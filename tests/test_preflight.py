@@ -93,13 +93,24 @@ def test_hyper_parameters_of_older_checkpoints_are_read():
     assert model_differences(flat, nested()) == [("model.channels", 32, 8)]
 
 
-def test_a_baseline_saved_without_a_width_is_the_published_one():
-    """FastDVDnet/FRVSR/DBDNet configs gained ``channels`` (64, the published width): older checkpoints lack it."""
-    old = {"model": {"backbone": "dbdnet", "task": "denoise", "in_channels": 3}, "norm": {"name": "none"}}
-    new = {"model": {**old["model"], "channels": 64}, "norm": {"name": "none"}}
+def test_a_baseline_saved_as_build_model_is_its_class():
+    """Older checkpoints name a baseline `build_model(backbone=dbdnet)`, the oldest without a width (64, the
+    published one) and with experiment=paper's `init: he`; today's config names the class and every argument."""
+    old = {"model": {"_target_": "recstab.models.build_model", "backbone": "dbdnet", "task": "denoise",
+                     "in_channels": 3, "init": "he"}, "norm": {"name": "none"}}
+    new = {"model": {"_target_": "recstab.models.baselines.DBDNet", "task": "denoise", "in_channels": 3,
+                     "channels": 64, "depth": 8}, "norm": {"name": "none"}}
     assert model_differences(old, new) == []
-    new["model"]["channels"] = 8
-    assert model_differences(old, new) == [("model.channels", 64, 8)]
+    untargeted = {k: v for k, v in old["model"].items() if k != "_target_"}  # recstab 0.1
+    assert model_differences({**old, "model": untargeted}, new) == []
+    assert model_differences(old, {**new, "model": {**new["model"], "channels": 8}}) == [("model.channels", 64, 8)]
+    frvsr = {**new, "model": {**new["model"], "_target_": "recstab.models.baselines.FRVSR", "depth": 10}}
+    assert model_differences(old, frvsr) == [  # another class: its other arguments are moot
+        ("model._target_", "recstab.models.baselines.dbdnet.DBDNet", "recstab.models.baselines.frvsr.FRVSR")]
+    with pytest.raises(PreflightError, match=r"\(e\.g\. model=dbdnet\)"):
+        check_compatible(old, frvsr, "x.ckpt")
+    with pytest.raises(PreflightError, match=r"\(e\.g\. model=vresnet norm=srnc\)"):
+        check_compatible(nested(), frvsr, "x.ckpt")
 
 
 # ---------------------------------------------------------------- through the configs

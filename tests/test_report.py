@@ -12,15 +12,17 @@ from recstab.report.tables import Run, build_table, collect_runs, load_paper, re
 
 SWEEPS = ["table1", "table2", "table3", "table4", "table5", "table6", "table7", "table8", "fig7", "fig9", "fig12"]
 
-PAPER = {"title": "T", "columns": ["psnr_7", "onset_d1", "onset_d9", "trf", "stable"],
+PAPER = {"title": "T", "columns": ["psnr_7", "onset_d1", "onset_d9", "trf", "stable"],  # no sweep file: train.yaml's groups
          "notes": ["a note"],
-         "rows": [{"name": "A", "match": {"norm": {"name": "srnc", "alpha": 2.0}}, "psnr_7": 35.59,
+         "rows": [{"name": "A", "norm": "srnc", "norm.alpha": 2.0, "psnr_7": 35.59,
                    "onset_d1": math.inf, "onset_d9": math.inf, "trf": "bounded", "stable": True},
-                  {"name": "B", "match": {"norm": {"name": "none"}}, "psnr_7": 35.74, "onset_d1": 29, "onset_d9": 75}]}
+                  {"name": "B", "norm": "none", "psnr_7": 35.74, "onset_d1": 29, "onset_d9": 75}]}
 
 
 def fake_run(kind, alpha, metrics, name="r", failure=None):
-    config = OmegaConf.create({"norm": {"name": kind, "alpha": alpha}, "run_name": name})
+    """A VResNet-feat denoising run with norm ``kind`` (no hydra.yaml: matched on its config's names)."""
+    config = OmegaConf.create({"model": {"backbone": "vresnet"}, "recurrence": {"name": "feat"},
+                               "task": {"name": "denoise"}, "norm": {"name": kind, "alpha": alpha}, "run_name": name})
     return Run(Path(f"/runs/{name}"), config, metrics, name, failure=failure)
 
 
@@ -167,12 +169,103 @@ def test_report_defaults_to_the_newest_sweep_dir(smoke_sweep, run_script, tmp_pa
 def test_report_function_writes_markdown_csv(tmp_path):
     run = tmp_path / "sweep" / "0_x"
     (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"model": {"backbone": "vresnet"}, "norm": {"name": "none"},
+    OmegaConf.save(OmegaConf.create({"model": {"backbone": "vresnet"}, "norm": {"name": "none"}, "task": {"name": "denoise"},
                                      "recurrence": {"name": "feat"}, "run_name": "x"}), run / ".hydra" / "config.yaml")
     (run / "metrics.json").write_text(json.dumps({"test/psnr_7": 30.5}))
     table, files = report("table2", [tmp_path / "sweep"], tmp_path / "out")
     assert files["markdown"].read_text().count("| VResNet-feat | 1 | 30.50 | 35.74 |") == 1
     assert files["csv"].is_file()
+
+
+# ------------------------------------------------------------------------------------- which runs fill a row
+def hydra_run(path: Path, compose, overrides: list, metrics: dict | None = None) -> Path:
+    """The run dir `python src/train.py <overrides>` leaves: .hydra/config.yaml, .hydra/hydra.yaml, metrics.json."""
+    cfg = OmegaConf.to_container(compose("train", overrides), resolve=False)
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"hydra": cfg.pop("hydra")}), path / ".hydra" / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(cfg), path / ".hydra" / "config.yaml")
+    (path / "metrics.json").write_text(json.dumps(metrics or {"test/psnr_7": 30.0}))
+    return path
+
+
+def filled(table) -> list[str]:
+    return [row["name"] for row in table.rows if row["runs"]]
+
+
+@pytest.mark.parametrize("sweep,overrides,row", [
+    ("table3", ["norm=srnc", "norm.alpha=2", "norm.beta=0.1"], "SRN-C α=2.0 β=0.1"),
+    ("table4", ["norm=srnc", "norm.alpha=3", "norm.beta=0.025", "norm.loop_only=true"], "SRN-C-3.0-0.025 (Soft Cons.)"),
+    ("laptop", ["recurrence=rlsp", "norm=srnc", "norm.alpha=0.5", "norm.beta=1"], "SRN-C α=0.5 β=1.0 (Hard)"),
+    ("table5", ["task=sr2", "norm=srnc", "norm.alpha=2", "norm.beta=0.05"], "SRN-C α=2.0 β=0.05 (Soft)"),
+    ("table1", ["model=fastdvdnet"], "FastDVDnet"),
+    ("table2", ["model=vdncnn", "recurrence=rlsp"], "VDnCNN-RLSP"),
+    ("fig7", ["recurrence=birlsp-mf3"], "VResNet-BiRLSP-mf3"),
+    ("certified", ["norm=certified", "norm.rho=0.8"], "certified ρ=0.8"),
+    # matches "certified ρ=0.8" too (its row file leaves norm.base at its default): the more specific row wins
+    ("certified", ["norm=certified", "norm.rho=0.8", "norm.base=null"], "certified ρ=0.8, base=null"),
+    ("table1", ["experiment=bm3d"], "BM3D"),  # row: bm3d without the sweep's measurement: made from the row file
+])
+def test_a_run_trained_by_hand_fills_its_row(tmp_path, compose, sweep, overrides, row):
+    """`python src/train.py <overrides>`, no row= and no sweep=: its run dir fills the row with those settings."""
+    hydra_run(tmp_path / "run", compose, overrides, {"test/psnr_7": 30.5})
+    table = build_table(sweep, collect_runs(tmp_path))
+    assert filled(table) == [row]
+    assert next(r for r in table.rows if r["name"] == row)["ours"].get("psnr_7", 30.5) == 30.5
+
+
+@pytest.mark.parametrize("sweep,overrides", [
+    ("table3", ["norm=srnc", "norm.alpha=1.9", "norm.beta=0.1"]),            # another alpha
+    ("table3", ["norm=srn", "norm.alpha=2", "norm.beta=0.1"]),               # SRN, not SRN-C
+    ("table3", ["norm=srnc", "norm.alpha=2", "norm.beta=0.1", "recurrence=rlsp"]),  # another recurrence ...
+    ("table3", ["row=srnc_2.0_0.1", "recurrence=rlsp"]),                     # ... even from the row's own file
+    ("table5", ["norm=srnc", "norm.alpha=2", "norm.beta=0.05"]),             # denoising, not x2 SR
+    ("table4", ["norm=srnc", "norm.alpha=3", "norm.beta=0.025"]),            # the whole model, not the loop only
+    ("fig9", ["row=srnc_2.0_0.1", "model=vdncnn"]),                          # another model
+])
+def test_a_run_with_other_settings_fills_no_row(tmp_path, compose, sweep, overrides):
+    hydra_run(tmp_path / "run", compose, overrides)
+    table = build_table(sweep, collect_runs(tmp_path))
+    assert filled(table) == [table.rows[-1]["name"]] and table.rows[-1]["name"].endswith("(not in the paper)")
+
+
+def test_a_run_dir_without_hydra_yaml_is_matched_on_its_config(tmp_path):
+    """Older runs and fixtures: norm.name, recurrence.name, task.name and model.backbone, else the model's class."""
+    names = {"recurrence": {"name": "feat"}, "task": {"name": "denoise"}}
+    _write_run(tmp_path / "0_a", {**names, "model": {"backbone": "vresnet"}, "norm": {"name": "srnc", "alpha": 2,
+                                                                                     "beta": 0.1}}, {"test/psnr_7": 1.0})
+    _write_run(tmp_path / "1_b", {**names, "model": {"_target_": "recstab.models.baselines.FastDVDnet"},
+                                  "norm": {"name": "none"}}, {"test/psnr_7": 2.0})
+    _write_run(tmp_path / "2_c", {"model": {"backbone": "vresnet"}, "norm": {"name": "none"}}, {"test/psnr_7": 3.0})
+    runs = collect_runs(tmp_path)
+    assert all(run.choices == {} for run in runs)
+    assert filled(build_table("table3", runs)) == ["SRN-C α=2.0 β=0.1", "1_b (not in the paper)", "2_c (not in the paper)"]
+    assert filled(build_table("table1", runs))[0] == "FastDVDnet"
+    assert filled(build_table("table2", runs)) == ["0_a (not in the paper)", "1_b (not in the paper)",
+                                                   "2_c (not in the paper)"]  # 2_c: no recurrence, no task: unknown
+
+
+@pytest.mark.parametrize("row,error", [
+    ({"row": "srnc_9.9_9.9"}, r"paper row 'A': no row file .*srnc_9\.9_9\.9\.yaml; rows: .*srnc_2\.0_0\.1"),
+    ({"recurrence": "mf9"}, r"paper row 'A': recurrence: 'mf9' is not an option of conf/recurrence/; options: .*mf3"),
+    ({"match": {"norm": {"name": "srnc"}}}, r"paper row 'A': unknown key 'match'; a row takes name, row"),
+    ({"psnr_7": 30.0}, r"paper row 'A' names no runs"),
+])
+def test_a_bad_paper_row_is_refused_naming_it(tmp_path, repo_root, row, error):
+    (tmp_path / "conf").symlink_to(repo_root / "conf")  # the conf/ beside the sweeps folder
+    (tmp_path / "sweeps").mkdir()
+    OmegaConf.save(OmegaConf.create({"defaults": [{"override /model": "vresnet"}], "paper": {
+        "title": "X", "columns": ["psnr_7"], "rows": [{"name": "A", **row}]}}), tmp_path / "sweeps" / "x.yaml")
+    with pytest.raises(ValueError, match=r"^sweeps/x\.yaml: " + error):
+        load_paper("x", tmp_path / "sweeps")
+
+
+def test_a_sweep_default_that_is_not_one_option_is_refused(tmp_path, repo_root):
+    (tmp_path / "conf").symlink_to(repo_root / "conf")
+    (tmp_path / "sweeps").mkdir()
+    OmegaConf.save(OmegaConf.create({"defaults": [{"override /norm": ["sn", "srn"]}], "paper": {
+        "title": "X", "columns": [], "rows": [{"name": "A", "row": "unconstrained"}]}}), tmp_path / "sweeps" / "x.yaml")
+    with pytest.raises(ValueError, match=r"x\.yaml: defaults entry override /norm: \['sn', 'srn'\] is not one option"):
+        load_paper("x", tmp_path / "sweeps")
 
 
 # ------------------------------------------------------------------------------------- the measurement callback

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from recstab.report.tables import COLUMNS, Run, load_paper, matches
+from recstab.report.rows import GROUPS, matches
+from recstab.report.tables import COLUMNS, Run, load_paper
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"table1": 10, "table2": 6, "table3": 9, "table4": 4, "table5": 3, "table6": 5, "table7": 8, "table8": 4,
         "fig7": 8, "fig9": 3, "fig12": 7}
 SWEEPS = list(RUNS)
+ALL_SWEEPS = [*SWEEPS, "laptop", "certified"]  # with the CPU-scale sweeps (tests/test_laptop.py, test_certified.py)
 EVALUATION = {"table7", "fig12"}           # sweeps over one trained checkpoint (train=false ckpt_path=...)
 SCALE = {"table8": "appendix_g"}            # the experiment= that gives a sweep the paper's scale
 
@@ -57,8 +59,9 @@ def test_paper_rows_are_transcribed(name):
     for column in paper["columns"]:
         assert column in COLUMNS or re.fullmatch(r"psnr_\d+", column), column
     for row in paper["rows"]:
-        assert row["name"] and row["match"], row
-        assert set(row) - {"name", "match", "note"} <= set(paper["columns"]), f"{row['name']}: unknown column"
+        assert row["name"] and (row["identity"] is not None or row["not_run"]), row
+        keys = {k for k in row if "." not in k} - {"name", "note", "not_run", "row", "identity", *GROUPS}
+        assert keys <= set(paper["columns"]), f"{row['name']}: unknown column"
     if name.startswith("table"):  # the tables have numbers; the figures only curves
         assert all(isinstance(r.get("psnr_7", r.get("psnr_1")), float) for r in paper["rows"] if r["name"] != "VNLB")
 
@@ -76,6 +79,55 @@ def test_some_transcribed_numbers():
     assert t8["56 frames"]["onset_d9"] == 12356
 
 
+@pytest.mark.parametrize("name", ALL_SWEEPS)
+def test_every_row_derives_its_identity_from_conf(name):
+    """Each paper row names its runs (no hand-written match): an existing option of every identity group, the
+    values its row file sets, and no two rows of a table alike (one of them could never get a run)."""
+    rows = load_paper(name)["rows"]
+    assert not any("match" in row for row in rows)
+    for row in rows:
+        identity = row["identity"]
+        if row.get("not_run"):  # Table 1's VNLB: no run of ours
+            assert identity is None and name == "table1"
+            continue
+        assert set(identity.choices) == set(GROUPS)
+        for group, option in identity.choices.items():
+            assert (ROOT / "conf" / group / f"{option}.yaml").is_file(), (row["name"], group, option)
+        if "row" in row:
+            file = OmegaConf.load(ROOT / "conf" / "row" / f"{row['row']}.yaml")
+            assert identity.row == file.row
+            for entry in file.get("defaults", []):  # `override /norm: srnc` -> norm: srnc
+                (key, option), = entry.items()
+                assert identity.choices[key.split("/")[-1]] == option, (row["name"], key)
+            assert all(OmegaConf.select(file, key) == value for key, value in identity.row_values.items())
+        else:
+            assert identity.row is None and (identity.pinned or any(g in row for g in GROUPS)), row["name"]
+    keys = [(sorted(i.choices.items()), i.row, sorted(i.row_values.items()), sorted(i.pinned.items()))
+            for i in (row["identity"] for row in rows) if i is not None]
+    assert len({repr(k) for k in keys}) == len(keys)
+
+
+def test_identities_come_from_train_yaml_the_sweep_and_the_row_file():
+    t3 = {r["name"]: r["identity"] for r in load_paper("table3")["rows"]}
+    soft = t3["SRN-C α=2.0 β=0.1"]
+    assert soft.choices == {"model": "vresnet", "recurrence": "feat", "norm": "srnc", "task": "denoise"}
+    assert soft.row_values == {"norm.alpha": 2.0, "norm.beta": 0.1} and soft.row == "srnc_2.0_0.1"
+    laptop = {r["name"]: r["identity"] for r in load_paper("laptop")["rows"]}
+    assert laptop["SRN-C α=2.0 β=0.1 (Soft)"].choices["recurrence"] == "rlsp"  # the sweep's override /recurrence
+    t5 = {r["name"]: r["identity"] for r in load_paper("table5")["rows"]}
+    assert t5["No Constraint"].choices == {"model": "vresnet", "recurrence": "feat", "norm": "none", "task": "sr2"}
+    t1 = {r["name"]: r["identity"] for r in load_paper("table1")["rows"]}
+    assert t1["FastDVDnet"].choices["model"] == "fastdvdnet" and t1["VDnCNN-RLSP"].choices["recurrence"] == "rlsp"
+    fig7 = {r["name"]: r["identity"] for r in load_paper("fig7")["rows"]}
+    assert fig7["VResNet-BiRLSP-mf7"].choices == {"model": "vresnet", "recurrence": "birlsp-mf7", "norm": "none",
+                                                  "task": "denoise"}
+    t7 = {r["name"]: r["identity"] for r in load_paper("table7")["rows"]}
+    assert t7["λ = 0.65"].pinned == {"module.dampening": 0.65} and t7["λ = 0.65"].choices["norm"] == "none"
+    cert = {r["name"]: r["identity"] for r in load_paper("certified")["rows"]}
+    assert cert["certified ρ=0.5, base=null"].pinned == {"norm.base": None}
+    assert cert["certified ρ=0.5, base=null"].specificity > cert["certified ρ=0.5"].specificity
+
+
 # ------------------------------------------------------------------------------------- composition
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_job_composes_and_fills_exactly_one_paper_row(name, compose, sweep_jobs):
@@ -91,8 +143,8 @@ def test_every_job_composes_and_fills_exactly_one_paper_row(name, compose, sweep
     names = set()
     for overrides in job_list:
         job = compose("train", [f"sweep={name}", "debug=smoke", *extra, *overrides])
-        run = Run(Path("."), job, {}, str(job.run_name))
-        hits = [r["name"] for r in rows if matches(run, r["match"])]
+        run = Run(Path("."), job, {}, " ".join(overrides))  # its choices: job.hydra.runtime.choices
+        hits = [r["name"] for r in rows if r["identity"] is not None and matches(run, r["identity"])]
         assert len(hits) == 1, f"{overrides} matches {hits}"
         names.add(hits[0])
         assert job.trainer.max_steps == 3  # debug=smoke still applies
@@ -108,7 +160,7 @@ def test_sweep_composes_at_the_papers_scale(name, compose, sweep_jobs):
     assert first.trainer.max_steps == (300000 if name == "table8" else 600000)
     assert first.diagnostics.name == "paper" and first.callbacks.measure.diagnostics == first.diagnostics
     assert first.diagnostics.trf is None or first.diagnostics.trf.iters == 500
-    if first.model.backbone in ("vdncnn", "vresnet"):
+    if first.model.get("backbone") in ("vdncnn", "vresnet"):  # the baselines have no backbone key
         assert first.model.channels in (64, 45) and first.model.init == "he"
     if name == "table5":
         assert first.task.name == "sr2" and first.task.sigma == 0
@@ -171,7 +223,7 @@ def test_whole_sweep_runs_under_smoke(name, smoke_sweep):
         assert config.group == name and list(config.tags) == [name]
         metrics = measured["metrics"]
         m = config.model
-        if m.backbone in ("vdncnn", "vresnet") and config.recurrence.name in ("frame", "feat", "rlsp") \
+        if m.get("backbone") in ("vdncnn", "vresnet") and config.recurrence.name in ("frame", "feat", "rlsp") \
                 and config.task.name == "denoise":
             assert metrics["params/count"] == paper_model_params(m.backbone, config.recurrence.name, m.channels,
                                                                  m.depth, m.in_channels)

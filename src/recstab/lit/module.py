@@ -1,12 +1,12 @@
 """The LightningModule: back-propagation through time over a clip, per-frame metrics.
 
-``VideoRestorationModule`` takes the model's config — a plain dict with a ``_target_``
-(``conf/model/*.yaml``: ``{"_target_": "recstab.models.build_model", "backbone": "vresnet", ...}``)
-— and the weight normalisation's (``conf/norm/*.yaml``: ``{"_target_": "recstab.norms.SRNC",
-"alpha": 2.0, ...}``), instantiates both with ``hydra.utils.instantiate`` and calls
-``save_hyperparameters()``, so ``VideoRestorationModule.load_from_checkpoint(path)`` rebuilds the
-model anywhere, without a Hydra app. The norm is applied when the model is built, before any
-state dict is loaded, so its buffers load with it.
+``VideoRestorationModule`` takes the model's config — a plain dict with a ``_target_`` and its arguments
+(``conf/model/*.yaml``: ``{"_target_": "recstab.models.build_model", "backbone": "vresnet", ...}``,
+``{"_target_": "recstab.models.baselines.FastDVDnet", "channels": 64, ...}``) — and the weight
+normalisation's (``conf/norm/*.yaml``: ``{"_target_": "recstab.norms.SRNC", "alpha": 2.0, ...}``),
+instantiates both with ``hydra.utils.instantiate`` and calls ``save_hyperparameters()``, so
+``VideoRestorationModule.load_from_checkpoint(path)`` rebuilds the model anywhere, without a Hydra app.
+The norm is applied when the model is built, before any state dict is loaded, so its buffers load with it.
 
 One training step unrolls the recurrent model over the whole clip (7 frames for
 Vimeo-90k) and back-propagates through time. The step runs under
@@ -51,8 +51,9 @@ def model_config(model) -> dict:
     if isinstance(model, DictConfig):
         model = OmegaConf.to_container(model, resolve=True)
     if not isinstance(model, dict) or "_target_" not in model:
-        raise ValueError(f"model must be a model config with a _target_ (e.g. conf/model/vresnet.yaml: "
-                         f"{{'_target_': 'recstab.models.build_model', 'backbone': 'vresnet', ...}}), got {model!r}")
+        raise ValueError(f"model must be a model config: a _target_ (a model class, or recstab.models.build_model) "
+                         f"and its arguments, e.g. conf/model/fastdvdnet.yaml: "
+                         f"{{'_target_': 'recstab.models.baselines.FastDVDnet', 'channels': 64, ...}}; got {model!r}")
     return dict(model)
 
 
@@ -61,7 +62,7 @@ class VideoRestorationModule(L.LightningModule):
 
     Args:
         model: the model config, instantiated with ``hydra.utils.instantiate``: ``_target_``
-            (``recstab.models.build_model`` or a model class) and its keyword arguments. A DictConfig
+            (a model class, or ``recstab.models.build_model`` for the backbones) and its keyword arguments. A DictConfig
             is resolved to a plain dict. ``None``: ``build_model``'s defaults.
         norm: the weight normalisation config (``conf/norm/*.yaml``: ``{"_target_": "recstab.norms.SRNC",
             "alpha": 2, ...}``), instantiated and applied to the model before any state dict loads
@@ -118,6 +119,9 @@ class VideoRestorationModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        if not any(p.requires_grad for p in self.parameters()):  # a non-learned model: BM3D
+            raise ValueError(f"{type(self.model).__name__} has no parameters to train: test it with train=false "
+                             "(row=bm3d and experiment=bm3d set it)")
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                      weight_decay=hp.weight_decay)
         if hp.lr_schedule == "constant":

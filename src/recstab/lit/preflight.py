@@ -10,8 +10,10 @@ for and what the place or the checkpoint has.
 - ``read_checkpoint(path, key)``: the file exists and is a Lightning checkpoint
   of a ``VideoRestorationModule`` (it has ``hyper_parameters`` and ``state_dict``);
 - ``check_compatible(hparams, module_cfg, path)``: the checkpoint's model is the
-  one the config builds. The state dict is determined by the model config (every
-  key but ``init``; for older, flat hyper-parameters the ``ARCHITECTURE`` keys) and,
+  one the config builds. The state dict is determined by the model config (its
+  ``_target_`` and every argument but ``init``, an absent one at the target's default;
+  a baseline saved as ``build_model(backbone=<name>)`` reads as its class; for older,
+  flat hyper-parameters the ``ARCHITECTURE`` keys) and,
   for a normalised model, every key of ``norm`` (``n`` sets the shape of the SRN-C
   power-iteration buffers; ``name``, ``alpha``, ``beta`` and ``loop_only`` decide
   which convs are parametrised and how). The initialisation
@@ -27,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-ARCHITECTURE = ("backbone", "recurrence", "task", "channels", "in_channels", "depth")
+ARCHITECTURE = ("backbone", "recurrence", "task", "channels", "in_channels", "depth")  # of flat (older) hparams
 NOT_MODEL = ("init",)  # model config keys that do not change what a state dict holds
+BUILD_MODEL = "recstab.models.build_model"  # the target of the vdncnn / vresnet configs (and of older baseline ones)
 
 
 class PreflightError(ValueError):
@@ -117,16 +120,17 @@ def model_spec(config: dict) -> dict:
     """The model-defining values of a module config or of a checkpoint's hyper-parameters.
 
     Three layouts are read: the model config under ``model`` and the norm config under ``norm``
-    (``{"model": {"_target_": ..., "backbone": ...}, "norm": {"_target_": ..., "name": "srnc", ...}}``:
-    every key but ``init`` counts), the norm nested in the model config (``model.norm``, with a
-    ``kind``: checkpoints of recstab 0.1), and the flat one of older checkpoints (the ``ARCHITECTURE``
-    keys and ``norm`` at the top level). Keys are named as the user sets them (``model.channels``,
-    ``norm.n``); the unconstrained model's norm is just ``{"name": "none"}``.
+    (``{"model": {"_target_": ..., "channels": ...}, "norm": {"_target_": ..., "name": "srnc", ...}}``:
+    the target and every argument but ``init`` count, an absent one at the target's default), the norm nested
+    in the model config (``model.norm``, with a ``kind``: checkpoints of recstab 0.1), and the flat one of
+    older checkpoints (the ``ARCHITECTURE`` keys and ``norm`` at the top level). Keys are named as the user
+    sets them (``model.channels``, ``norm.n``); the unconstrained model's norm is just ``{"name": "none"}``.
     """
     if isinstance(config.get("model"), dict):
-        source = {**_build_model_defaults(), **config["model"]}  # an absent key is build_model's default
+        source = _class_config(config["model"])
+        source = {"_target_": source["_target_"], **_defaults(source["_target_"]), **source}  # absent: the default
         keys = [k for k in source if k not in NOT_MODEL and k != "norm"]
-        norm = config.get("norm") if isinstance(config.get("norm"), dict) else source.get("norm")
+        norm = config.get("norm") if isinstance(config.get("norm"), dict) else config["model"].get("norm")
     else:
         source, keys, norm = config, list(ARCHITECTURE), config.get("norm")
     spec = {f"model.{k}": source.get(k) for k in keys}
@@ -138,15 +142,48 @@ def model_spec(config: dict) -> dict:
     return spec
 
 
-def _build_model_defaults() -> dict:
-    """``build_model``'s defaults of the architecture keys (e.g. ``channels`` of a baseline config saved before
-    the baselines had a width: 64, the published one)."""
+def _class_config(model: dict) -> dict:
+    """The model config with its ``_target_`` as the path of what it imports; a baseline saved as
+    ``build_model(backbone=<name>)`` (before the baselines had configs of their own) as its class's config,
+    so that it equals the config of today's ``model=<name>``. No ``_target_`` (recstab 0.1): build_model."""
+    from recstab.models import BASELINES
+
+    model = {"_target_": BUILD_MODEL, **model}
+    if _path(model["_target_"]) == BUILD_MODEL and model.get("backbone") in BASELINES:
+        cls = BASELINES[model["backbone"]]
+        return {"_target_": f"{cls.__module__}.{cls.__qualname__}",
+                **{k: v for k, v in model.items() if k not in ("_target_", "backbone", "recurrence") and v is not None}}
+    return {**model, "_target_": _path(model["_target_"])}
+
+
+def locate(target: str):
+    """The object a ``_target_`` path ``package.module.Name`` names (``recstab.models.baselines.FastDVDnet``); None
+    when it does not import here."""
+    import importlib
+
+    module, _, name = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _path(target: str) -> str:
+    """``module.name`` of the object ``target`` names (two spellings of one class compare equal); else ``target``."""
+    found = locate(target)
+    return target if found is None else f"{found.__module__}.{found.__qualname__}"
+
+
+def _defaults(target: str) -> dict:
+    """The keyword defaults of ``target`` (a class or function), e.g. ``channels`` of a baseline config saved before
+    the baselines had a width: 64, the published one; ``{}`` when it does not import here."""
     import inspect
 
-    from recstab.models import build_model
-
-    parameters = inspect.signature(build_model).parameters
-    return {k: parameters[k].default for k in ARCHITECTURE if k in ("channels", "in_channels", "depth")}
+    try:
+        parameters = inspect.signature(locate(target)).parameters.values()
+    except (TypeError, ValueError):  # None, or no signature
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def model_differences(hparams: dict, module_cfg: dict) -> list[tuple[str, object, object]]:
@@ -157,6 +194,8 @@ def model_differences(hparams: dict, module_cfg: dict) -> list[tuple[str, object
         keys = [k for k in keys if not k.startswith("norm.") or k == "norm.name"]
     if not (isinstance(hparams.get("model"), dict) and isinstance(module_cfg.get("model"), dict)):
         keys = [k for k in keys if k.startswith("norm.") or k[len("model."):] in ARCHITECTURE]
+    elif saved["model._target_"] != wanted["model._target_"]:  # another class: its name says it all
+        keys = [k for k in keys if not k.startswith("model.") or k == "model._target_"]
     return [(k, saved.get(k), wanted.get(k)) for k in keys if saved.get(k) != wanted.get(k)]
 
 
@@ -166,13 +205,23 @@ def check_compatible(hparams: dict, module_cfg: dict, path: str | os.PathLike, k
     if not diffs:
         return
     listed = "; ".join(f"{k}: checkpoint {old!r}, config {new!r}" for k, old, new in diffs)
-    overrides = " ".join(f"norm={old}" if k == "norm.name" else f"{k}={'null' if old is None else old}"
-                         for k, old, _ in diffs)
+    saved = model_spec(hparams)
+    overrides = " ".join(_override(k, old, saved) for k, old, _ in diffs)
     raise PreflightError(
         f"{key}={str(path)!r} holds another model than the config builds ({listed}). Its weights cannot "
         f"be loaded into this model. Either run with the checkpoint's settings (e.g. {overrides}) or start "
         "a fresh run: drop ckpt_path / set resume=false, or give this run its own task_name or hydra.run.dir "
         "so an old run's checkpoints are not picked up.")
+
+
+def _override(key: str, value, saved: dict) -> str:
+    """The override that sets the checkpoint's ``value`` of ``key``: for another norm or another model class the
+    group's option (``norm=srnc``, ``model=fastdvdnet``: the backbone, or the class's ``name``), else key=value."""
+    if key == "norm.name":
+        return f"norm={value}"
+    if key == "model._target_":
+        return f"model={saved.get('model.backbone') or getattr(locate(value), 'name', value)}"
+    return f"{key}={'null' if value is None else value}"
 
 
 def check_checkpoint(path: str | os.PathLike, module_cfg: dict, key: str = "ckpt_path") -> dict:

@@ -6,19 +6,31 @@ A sweep file ``sweeps/<name>.yaml`` holds, next to its Hydra sweep, a ``paper:``
       title: "Table 3: SRN and SRN-C ... on VResNet-feat"
       columns: [psnr_7, onset_d1, onset_d9, trf, sigma1, srank]
       rows:
-        - name: "SRN-C α=2.0 β=0.1"
-          match: {norm: {name: srnc, alpha: 2.0, beta: 0.1}}   # config values that pick its runs
-          psnr_7: 35.59
-          onset_d1: .inf
-          ...
+        - {name: "SRN-C α=2.0 β=0.1", row: srnc_2.0_0.1, psnr_7: 35.59, onset_d1: .inf, ...}
 
-:func:`collect_runs` reads every run dir under the sweep dir(s) — ``.hydra/config.yaml``,
-``metrics.json`` (written by src/train.py), ``measurements.json`` (written by
-:class:`recstab.report.TableMeasurements`) and, for keys missing from both, the last
-value of ``csv/metrics.csv``. W&B is not needed. :func:`build_table` matches runs to
-paper rows by config values (so runs of another sweep with the same model fill a row too:
-``dir=a,b``), averages repeated runs (seeds), and lists runs that match no paper row
-after the paper's rows. :func:`render_markdown` / :func:`write_csv` write it out.
+A row names what made its runs, never a hand-written list of the config values to match. Its keys:
+
+- ``name`` (required): the row's label; ``note``: a remark; the table's ``columns``: the paper's numbers;
+- ``row: <row>``: the runs of the row file ``conf/row/<row>.yaml`` (its groups and the values it sets);
+- ``model|recurrence|norm|task: <option>``: a group option, where the sweep sweeps a group (Fig. 7:
+  ``{name: VResNet-mf3, recurrence: mf3}``, Table 2: ``{name: VDnCNN-frame, model: vdncnn, recurrence: frame}``);
+- ``<dotted.key>: <value>``: a config value, as ``key=value`` on the command line, where the sweep sweeps a
+  plain value (Table 7: ``module.dampening: 0.95``) or a row is a row file with one value changed
+  (``{row: certified_0.5, norm.base: null}``);
+- ``not_run: <why>``: a row of the paper's only, which no run of ours fills (Table 1's VNLB).
+
+The groups a row leaves out are the sweep file's (its ``override /<group>: <option>`` defaults), else
+conf/train.yaml's. From these :mod:`recstab.report.rows` derives each row's identity (the options of
+model, recurrence, norm and task, and the values) and matches runs to it: by their Hydra choices and config
+values, so a run trained by hand with the row's settings fills it too, and so do runs of another sweep with
+the same model (``dir=a,b``).
+
+:func:`collect_runs` reads every run dir under the sweep dir(s) — ``.hydra/config.yaml``, ``.hydra/hydra.yaml``
+(the group choices), ``metrics.json`` (written by src/train.py), ``measurements.json`` (written by
+:class:`recstab.report.TableMeasurements`) and, for keys missing from both, the last value of
+``csv/metrics.csv``. W&B is not needed. :func:`build_table` gives each run to its row (the most specific
+row it matches, :func:`recstab.report.rows.best_row`), averages repeated runs (seeds), and lists runs that
+match no paper row after the paper's rows. :func:`render_markdown` / :func:`write_csv` write it out.
 
 A job of a ``-m`` sweep that raised leaves ``failed.json`` in its run dir (src/train.py):
 its row is marked failed (``failed`` in every cell of ours when no run of the row
@@ -35,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from recstab.report.rows import best_row, derive, sweep_choices
 
 FAILED = "failed"  # our value in every column of a row whose every job raised (failed.json)
 
@@ -72,6 +86,7 @@ class Run:
     name: str
     notes: list = field(default_factory=list)
     failure: dict | None = None   # failed.json of a sweep job that raised: error, traceback, log
+    choices: dict = field(default_factory=dict)  # hydra.runtime.choices (.hydra/hydra.yaml): group -> option
 
     def value(self, key: str):
         """A config value (dotted key), resolved when possible, else None."""
@@ -97,12 +112,26 @@ def sweep_file(sweep: str, folder: str | Path | None = None) -> Path:
     return path
 
 
+def conf_dir(sweeps: str | Path | None = None) -> Path:
+    """The config folder beside the sweeps folder (conf/sweep links to ../sweeps): ``<sweeps>/../conf``."""
+    return Path(sweeps if sweeps is not None else sweeps_dir()).resolve().parent / "conf"
+
+
 def load_paper(sweep: str, folder: str | Path | None = None) -> dict:
-    """The ``paper:`` node of sweeps/<sweep>.yaml as plain Python."""
-    node = OmegaConf.load(sweep_file(sweep, folder)).get("paper")
-    if node is None:
+    """The ``paper:`` node of sweeps/<sweep>.yaml as dicts and lists, each row with its ``identity``
+    (:func:`recstab.report.rows.derive`; None for a ``not_run`` row). ValueError naming the bad row."""
+    path = sweep_file(sweep, folder)
+    node = OmegaConf.load(path)
+    if node.get("paper") is None:
         raise ValueError(f"sweeps/{sweep}.yaml has no `paper:` node")
-    return OmegaConf.to_container(node, resolve=False)
+    paper = OmegaConf.to_container(node.paper, resolve=False)
+    conf = conf_dir(path.parent)
+    choices = sweep_choices(OmegaConf.to_container(node.defaults) if "defaults" in node else None, conf, path)
+    try:
+        paper["rows"] = [{**spec, "identity": derive(spec, choices, conf, paper["columns"])} for spec in paper["rows"]]
+    except ValueError as error:
+        raise ValueError(f"sweeps/{sweep}.yaml: {error}") from None
+    return paper
 
 
 def sweep_group(sweep: str, folder: str | Path | None = None) -> str:
@@ -149,7 +178,9 @@ def load_run(path: Path) -> Run | None:
     if failure is not None:
         notes = []  # "no metrics.json" says nothing more than the failure does
     name = OmegaConf.select(config, "run_name", throw_on_resolution_failure=False) or path.name
-    return Run(path, config, metrics, str(name), notes, failure)
+    hydra_file = path / ".hydra" / "hydra.yaml"  # absent: matched on config values (recstab.report.rows)
+    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") if hydra_file.is_file() else None
+    return Run(path, config, metrics, str(name), notes, failure, OmegaConf.to_container(choices) if choices else {})
 
 
 def collect_runs(dirs) -> list[Run]:
@@ -164,28 +195,6 @@ def collect_runs(dirs) -> list[Run]:
                                     or (run.path / "measurements.json").is_file()):
                 runs.append(run)
     return runs
-
-
-def _flatten(match: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in (match or {}).items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return str(a) == str(b)
-
-
-def matches(run: Run, match: dict) -> bool:
-    return all(_same(run.value(key), want) for key, want in _flatten(match).items())
 
 
 def _psnr_last(metrics: dict) -> tuple[float | None, int | None]:
@@ -280,12 +289,17 @@ class Table:
 
 
 def build_table(sweep: str, runs: list[Run], paper: dict | None = None) -> Table:
-    """Match runs to the paper's rows; our values beside the paper's."""
+    """Give each run to its paper row (:func:`recstab.report.rows.best_row`); our values beside the paper's.
+    ``paper``: :func:`load_paper`'s; a hand-made one's rows without ``identity`` are derived on conf/train.yaml
+    alone (no sweep file)."""
     paper = paper or load_paper(sweep)
     columns = list(paper["columns"])
+    train = None if all("identity" in spec for spec in paper["rows"]) else sweep_choices(None, conf_dir())
+    identities = [spec["identity"] if "identity" in spec else derive(spec, train, conf_dir(), columns)
+                  for spec in paper["rows"]]
+    owner = {id(run): best_row(run, identities) for run in runs}  # run -> index of its row (None: no row)
     last = not any(f"psnr_{t}" in columns for t in range(2, 7))  # per-frame tables show frames as they are
     notes: set = set()
-    taken: set = set()
     rows = []
 
     def row(name: str, matched: list[Run], paper_values: dict, note: str = "") -> dict:
@@ -302,12 +316,11 @@ def build_table(sweep: str, runs: list[Run], paper: dict | None = None) -> Table
                 "dirs": [str(r.path) for r in matched], "logs": [r.failure.get("log") or str(r.path) for r in failed],
                 "ours": ours, "paper": paper_values, "note": note}
 
-    for spec in paper["rows"]:
-        mine = [r for r in runs if id(r) not in taken and matches(r, spec.get("match") or {})]
-        taken.update(id(r) for r in mine)
+    for i, spec in enumerate(paper["rows"]):
+        mine = [r for r in runs if owner[id(r)] == i]
         rows.append(row(spec["name"], mine, {c: spec.get(c) for c in columns}, spec.get("note", "")))
     for run in runs:
-        if id(run) not in taken:
+        if owner[id(run)] is None:
             rows.append(row(f"{run.name} (not in the paper)", [run], {c: None for c in columns}))
     if "fps" in columns:
         devices = sorted({str(r.metrics.get("_device_name")) for r in runs if r.metrics.get("_device_name")})

@@ -1,4 +1,5 @@
-"""The published baselines of Table 1, reachable with ``build_model(backbone=<name>)``.
+"""The published baselines of Table 1: each a class (``conf/model/<name>.yaml`` names it by ``_target_``, its
+keys the class's arguments), also reachable by its ``name`` with ``build_model(backbone=<name>)``.
 
 ========== ========================================================== ============
 name       model                                                      parameters
@@ -16,6 +17,9 @@ VNLB, the other non-learned method of Table 1, has no Python release and is not 
 Every baseline is a :class:`recstab.models.interface.VideoModel` (``model(x)``,
 ``process(x, state)``, ``streamable``, ``is_recurrent``, ``dampening``, ``recurrent_convs()``,
 ``loop_certificate()``). Only ``task="denoise"`` is supported.
+
+A new baseline is one class and one config file (``_target_: mypackage.MyNet`` and its arguments): nothing to
+register. Listing it in :data:`BASELINES` below only adds the Python shorthand ``build_model("<its name>")``.
 """
 
 from recstab.models.baselines.bm3d_baseline import BM3D
@@ -23,6 +27,6 @@ from recstab.models.baselines.dbdnet import DBDNet
 from recstab.models.baselines.fastdvdnet import FastDVDnet
 from recstab.models.baselines.frvsr import FRVSR
 
-BASELINES = {"fastdvdnet": FastDVDnet, "frvsr": FRVSR, "dbdnet": DBDNet, "bm3d": BM3D}
+BASELINES = {cls.name: cls for cls in (FastDVDnet, FRVSR, DBDNet, BM3D)}  # build_model(backbone=<name>)
 
 __all__ = ["BASELINES", "BM3D", "DBDNet", "FastDVDnet", "FRVSR"]

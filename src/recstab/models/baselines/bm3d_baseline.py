@@ -31,6 +31,7 @@ class BM3D(VideoModel):
         profile: the ``bm3d`` package's profile name (``np``: normal profile).
     """
 
+    name = "bm3d"  # build_model("bm3d") and the name of its reports
     memory = 1  # every frame alone: no loop
 
     def __init__(self, task: str = "denoise", in_channels: int = 3, sigma: float = 30.0, profile: str = "np"):

@@ -51,6 +51,7 @@ class DBDNet(VideoModel):
         depth: layers per branch D (8, at least 2).
     """
 
+    name = "dbdnet"  # build_model("dbdnet") and the name of its reports
     is_recurrent = True
 
     def __init__(self, task: str = "denoise", in_channels: int = 3, channels: int = 64, depth: int = 8):

@@ -97,6 +97,7 @@ class FastDVDnet(VideoModel):
             window t-2..t+2, whole clips only.
     """
 
+    name = "fastdvdnet"  # build_model("fastdvdnet") and the name of its reports
     is_recurrent = False
 
     def __init__(self, task: str = "denoise", in_channels: int = 3, channels: int = 64,

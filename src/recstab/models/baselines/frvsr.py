@@ -100,6 +100,7 @@ class FRVSR(VideoModel):
         depth: number of SRNet residual blocks (10).
     """
 
+    name = "frvsr"  # build_model("frvsr") and the name of its reports
     is_recurrent = True
 
     def __init__(self, task: str = "denoise", in_channels: int = 3, channels: int = 64, depth: int = 10):
