@@ -284,8 +284,13 @@ def test_ctrl_c_during_the_trf_then_resume_gives_the_uninterrupted_trf(tmp_path)
         if calls["n"] == 15:
             signal.raise_signal(signal.SIGINT)  # Python's own handler: KeyboardInterrupt, as from a terminal
     hook = model.register_forward_pre_hook(ctrl_c_at_the_15th_call)
-    with pytest.raises(KeyboardInterrupt):
-        stability_report(model, tmp_path / "r", **settings)
+    # Python's own SIGINT handler, as in a terminal (another test of this worker, e.g. Ray's, may have replaced it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stability_report(model, tmp_path / "r", **settings)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     hook.remove()
     saved = torch.load(tmp_path / "r" / "trf_progress.pt", weights_only=True)
     assert 0 < saved["next"] < 24 and saved["optimizer"]["state"]

@@ -404,3 +404,18 @@ def test_report_logs_an_offline_wandb_report_run_to_the_sweeps_group(tmp_path, r
     (store,) = run_dir.glob("*.wandb")
     (run,) = [r.run for r in _wandb_records(store) if r.WhichOneof("record_type") == "run"]
     assert (run.run_group, run.job_type, list(run.tags)) == ("table2", "report", ["table2"])
+
+
+def test_a_runs_name_resolves_its_hydra_choices_from_its_own_hydra_yaml(tmp_path):
+    """run_name is `${hydra:runtime.choices.model}-…` (model= as chosen): outside the run no Hydra runtime
+    answers it, so the report reads the choice from the run's .hydra/hydra.yaml."""
+    from recstab.report.tables import load_run
+
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create({"run_name": "${hydra:runtime.choices.model}-${recurrence.name}",
+                                     "recurrence": {"name": "none"}}), tmp_path / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"choices": {"model": "fastdvdnet"}}}}),
+                   tmp_path / ".hydra" / "hydra.yaml")
+    assert load_run(tmp_path).name == "fastdvdnet-none"
+    (tmp_path / ".hydra" / "hydra.yaml").unlink()
+    assert load_run(tmp_path).name == tmp_path.name  # nothing to resolve it with: the dir's name

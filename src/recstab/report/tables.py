@@ -43,6 +43,7 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,10 +178,22 @@ def load_run(path: Path) -> Run | None:
     failure = json.loads((path / "failed.json").read_text()) if (path / "failed.json").is_file() else None
     if failure is not None:
         notes = []  # "no metrics.json" says nothing more than the failure does
-    name = OmegaConf.select(config, "run_name", throw_on_resolution_failure=False) or path.name
     hydra_file = path / ".hydra" / "hydra.yaml"  # absent: matched on config values (recstab.report.rows)
     choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") if hydra_file.is_file() else None
-    return Run(path, config, metrics, str(name), notes, failure, OmegaConf.to_container(choices) if choices else {})
+    choices = OmegaConf.to_container(choices) if choices else {}
+    return Run(path, config, metrics, run_name(config, choices) or path.name, notes, failure, choices)
+
+
+def run_name(config, choices: dict) -> str | None:
+    """The run's ``run_name`` as its own run resolved it: ``${hydra:runtime.choices.<group>}`` read from its
+    ``.hydra/hydra.yaml`` choices (outside that run no Hydra runtime answers it). None if it does not resolve."""
+    raw = OmegaConf.to_container(config, resolve=False).get("run_name")
+    if isinstance(raw, str) and "${hydra:runtime.choices." in raw:
+        config = config.copy()
+        config.run_name = re.sub(r"\$\{hydra:runtime\.choices\.([\w/]+)\}",
+                                 lambda m: str(choices.get(m.group(1), m.group(0))), raw)
+    name = OmegaConf.select(config, "run_name", throw_on_resolution_failure=False)
+    return None if name is None else str(name)
 
 
 def collect_runs(dirs) -> list[Run]:
