@@ -66,23 +66,16 @@ def checkpoint_name(hparams: dict) -> str:
     """The report's name from the checkpoint's own model: model-recurrence-task-norm-<channels>ch, the model its
     ``backbone`` (vdncnn, vresnet; a baseline in older checkpoints) or the ``name`` of its ``_target_`` class
     (fastdvdnet, ...; else the class's own name)."""
+    from recstab.lit.preflight import model_name
+
     model = dict(hparams.get("model") or {})
     norm = dict(hparams.get("norm") or model.get("norm") or {})
     recurrence = model.get("recurrence")
     recurrence = recurrence.get("name") if isinstance(recurrence, dict) else recurrence
-    parts = [model.get("backbone") or target_name(str(model.get("_target_", "model"))), recurrence,
+    parts = [model_name(model), recurrence,
              model.get("task"), norm.get("name", norm.get("kind", "none")),
              f"{model['channels']}ch" if model.get("channels") else None]
     return "-".join(str(p) for p in parts if p)
-
-
-def target_name(target: str) -> str:
-    """The ``name`` of the class ``target`` names (``recstab.models.baselines.FastDVDnet`` -> ``fastdvdnet``), else
-    the last part of the path (a class without one, or one that does not import here)."""
-    from recstab.lit.preflight import locate
-
-    name = getattr(locate(target), "name", None)
-    return name if isinstance(name, str) else target.rsplit(".", 1)[-1]
 
 
 def report_dir(cfg: DictConfig, out_dir: Path) -> Path:
@@ -184,7 +177,7 @@ def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from recstab.lit.preflight import read_recstab_checkpoint, user_errors
+    from recstab.lit.preflight import one_line_errors, read_recstab_checkpoint
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = " ".join(HydraConfig.get().overrides.task)
@@ -195,24 +188,21 @@ def main(cfg: DictConfig):
         return started[-1]
 
     try:
-        if cfg.mode not in ("report", "fig2"):
-            raise ValueError(f"mode must be report or fig2, got {cfg.mode!r}")
-        if cfg.mode == "fig2":
-            run_fig2(cfg, out_dir, start_run())
-            return None
-        if cfg.get("ckpt_path"):  # the report is named from the checkpoint's own model
-            with open_dict(cfg):
-                cfg.name = checkpoint_name(read_recstab_checkpoint(Path(cfg.ckpt_path))["hyper_parameters"])
-        target = report_dir(cfg, out_dir / "report")
-        report = run_report(cfg, out_dir / "report", start_run)
-        failed = [k for k, v in report.sections.items() if v["status"] == "failed"]
-        if failed:  # everything measured is written; the exit status says something failed
-            raise RuntimeError(f"report sections failed: {', '.join(failed)} (see {report.files['json']})")
-        return report.verdict
-    except user_errors() as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"Error: {error}") from None
+        with one_line_errors():
+            if cfg.mode not in ("report", "fig2"):
+                raise ValueError(f"mode must be report or fig2, got {cfg.mode!r}")
+            if cfg.mode == "fig2":
+                run_fig2(cfg, out_dir, start_run())
+                return None
+            if cfg.get("ckpt_path"):  # the report is named from the checkpoint's own model
+                with open_dict(cfg):
+                    cfg.name = checkpoint_name(read_recstab_checkpoint(Path(cfg.ckpt_path))["hyper_parameters"])
+            target = report_dir(cfg, out_dir / "report")
+            report = run_report(cfg, out_dir / "report", start_run)
+            failed = [k for k, v in report.sections.items() if v["status"] == "failed"]
+            if failed:  # everything measured is written; the exit status says something failed
+                raise RuntimeError(f"report sections failed: {', '.join(failed)} (see {report.files['json']})")
+            return report.verdict
     except KeyboardInterrupt:
         where = f"what was measured is in {target}" if target is not None else "nothing was measured yet"
         resume = f" resume=true report_dir={target}" if target is not None else ""

@@ -21,17 +21,13 @@ def main(cfg: DictConfig):
     import torch
     from hydra.core.hydra_config import HydraConfig
 
-    from recstab.lit.preflight import user_errors
+    from recstab.lit.preflight import one_line_errors
     from recstab.stabilise import stabilise
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    try:
+    with one_line_errors():
         stabilise(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except user_errors() as error:  # one line, no traceback (HYDRA_FULL_ERROR=1 shows it)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"Error: {error}") from None
 
 
 if __name__ == "__main__":

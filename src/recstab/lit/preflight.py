@@ -24,6 +24,7 @@ for and what the place or the checkpoint has.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,10 @@ class PreflightError(ValueError):
 
 class MissingCheckpointError(PreflightError, FileNotFoundError):
     """A checkpoint path that names no file."""
+
+
+class ForeignCheckpointError(PreflightError):
+    """A torch file that is not a checkpoint of src/train.py (no ``state_dict`` and ``hyper_parameters``)."""
 
 
 def check_writable(path: str | os.PathLike, key: str) -> Path:
@@ -84,7 +89,7 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict:
             "(last.ckpt, best-*.ckpt, interrupted.ckpt).") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise PreflightError(
+        raise ForeignCheckpointError(
             f"{key}={str(path)!r} is not a checkpoint of src/train.py: it has no 'state_dict' and "
             f"'hyper_parameters' (found {found}). Resume from a checkpoint written by this project's "
             "Trainer (<run dir>/checkpoints/*.ckpt).")
@@ -97,23 +102,27 @@ def read_recstab_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
         return read_checkpoint(path)
-    except MissingCheckpointError:
-        raise
-    except PreflightError as error:
-        if "not a checkpoint of src/train.py" not in str(error):
-            raise
-        raise PreflightError(
+    except ForeignCheckpointError:
+        raise ForeignCheckpointError(
             f"ckpt_path={str(path)!r} is not a checkpoint of src/train.py (a plain state dict or a pickled module?). "
             "Diagnose your own model from Python: wrap it (recstab.models.StepModel / ClipModel, README 'Diagnose "
             "your own model') and call recstab.diagnostics.stability_report(model, out_dir)") from None
 
 
-def user_errors() -> tuple:
-    """The errors a user fixes by changing the command: the scripts print them as one line ``Error: ...``
-    (no traceback; HYDRA_FULL_ERROR=1 shows it). Any other exception is a bug and keeps its traceback."""
+@contextmanager
+def one_line_errors():
+    """Around a script's work: an error the user fixes by changing the command (a bad value, path, checkpoint,
+    video, or nothing to resume) ends it with one line ``Error: ...`` (no traceback; HYDRA_FULL_ERROR=1 shows
+    it). Any other exception is a bug and keeps its traceback."""
     from recstab.data.long_video import VideoDecodeError
     from recstab.diagnostics.workfiles import ResumeMismatch
-    return PreflightError, ResumeMismatch, VideoDecodeError, FileNotFoundError, ValueError
+
+    try:
+        yield
+    except (PreflightError, ResumeMismatch, VideoDecodeError, FileNotFoundError, ValueError) as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"Error: {error}") from None
 
 
 def model_spec(config: dict) -> dict:
@@ -154,6 +163,17 @@ def _class_config(model: dict) -> dict:
         return {"_target_": f"{cls.__module__}.{cls.__qualname__}",
                 **{k: v for k, v in model.items() if k not in ("_target_", "backbone", "recurrence") and v is not None}}
     return {**model, "_target_": _path(model["_target_"])}
+
+
+def model_name(model: dict) -> str:
+    """What ``model=<option>`` a model config is: its ``backbone`` (vdncnn, vresnet; a baseline in configs written
+    before the baselines had their own), else the ``name`` of its ``_target_`` class (fastdvdnet, ...), else the
+    last part of the target's path (a class without a name, or one that does not import here)."""
+    if model.get("backbone"):
+        return str(model["backbone"])
+    target = str(model.get("_target_", "model"))
+    name = getattr(locate(target), "name", None)
+    return name if isinstance(name, str) else target.rsplit(".", 1)[-1]
 
 
 def locate(target: str):
@@ -220,7 +240,7 @@ def _override(key: str, value, saved: dict) -> str:
     if key == "norm.name":
         return f"norm={value}"
     if key == "model._target_":
-        return f"model={saved.get('model.backbone') or getattr(locate(value), 'name', value)}"
+        return f"model={model_name({'backbone': saved.get('model.backbone'), '_target_': value})}"
     return f"{key}={'null' if value is None else value}"
 
 

@@ -23,8 +23,9 @@ first in the paper's order.
 
 A run's choices are ``hydra.runtime.choices`` (its ``.hydra/hydra.yaml``, or a config composed with
 ``return_hydra_config``). A run dir without them (older runs, test fixtures) falls back to its config:
-``norm.name``, ``recurrence.name``, ``task.name`` and ``model.backbone``, else the class name of
-``model._target_`` lower-cased (``recstab.models.baselines.FastDVDnet`` -> ``fastdvdnet``).
+``norm.name``, ``recurrence.name``, ``task.name`` and the model's option
+(:func:`recstab.lit.preflight.model_name`: ``model.backbone``, else the ``name`` of the ``model._target_`` class,
+``recstab.models.baselines.FastDVDnet`` -> ``fastdvdnet``).
 
 Why the YAML files are read rather than composed with Hydra: the defaults lists of train.yaml, the sweep
 files and the row files are plain ``<group>: <option>`` / ``override /<group>: <option>`` entries, which
@@ -150,10 +151,11 @@ def run_choices(run) -> dict:
     choices = run.choices or OmegaConf.select(run.config, "hydra.runtime.choices", default=None)
     if choices:
         return {g: choices.get(g) for g in GROUPS}
-    target = run.value("model._target_")
-    model = run.value("model.backbone") or (str(target).rsplit(".", 1)[-1].lower() if target else None)
-    return {"model": model, "recurrence": run.value("recurrence.name"), "norm": run.value("norm.name"),
-            "task": run.value("task.name")}
+    from recstab.lit.preflight import model_name
+
+    model = {"backbone": run.value("model.backbone"), "_target_": run.value("model._target_")}
+    return {"model": model_name(model) if any(model.values()) else None, "recurrence": run.value("recurrence.name"),
+            "norm": run.value("norm.name"), "task": run.value("task.name")}
 
 
 def same(a, b) -> bool:
