@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recstab.norms import conv_norm_bound, spectral_norm_fft
+from recstab.norms import conv_norm_bound, conv_norm_bounds, spectral_norm_fft
 from recstab.norms.spectra import frequency_response_peak
 from recstab.norms.bound import RTOL, certified_peak, conv_norm_bound_tensor, lattice_svd_bound
 
@@ -209,3 +209,41 @@ def test_bad_input():
         conv_norm_bound(torch.randn(2, 2, 3, 3), method="gram")
     with pytest.raises(ValueError, match=r"rtol.*\(0, 0.1\]"):
         conv_norm_bound(torch.randn(2, 2, 3, 3), rtol=0.0)
+
+
+def test_kernels_searched_together_get_the_certificates_they_get_alone():
+    """certified_peaks batches the search of kernels of one shape (on H's side: 6×4 and 4×6 share one); each
+    certificate is the one-kernel search's, and each bound is valid and tight against a fine grid."""
+    from recstab.norms import bound as bound_module
+    generator = torch.Generator().manual_seed(9)
+    shapes = [(6, 4, 3, 3), (4, 6, 3, 3), (6, 4, 3, 3), (5, 5, 1, 3), (3, 3, 5, 5), (4, 2, 1, 1), (6, 4, 3, 3)]
+    kernels = [torch.randn(*shape, dtype=torch.float64, generator=generator) for shape in shapes]
+    kernels.append(kernels[0].clone())          # a duplicate
+    kernels.append(torch.zeros(6, 4, 3, 3))     # and a zero kernel
+    bound_module._CACHE.clear()
+    together = bound_module.certified_peaks(kernels)
+    bound_module._CACHE.clear()
+    alone = [certified_peak(w) for w in kernels]
+    for w, a, b in zip(kernels, together, alone):
+        assert a.bound == pytest.approx(b.bound, rel=1e-12, abs=0)
+        assert (a.tests, a.levels) == (b.tests, b.levels)   # the same search, step by step
+        if a.bound > 0:
+            degree = sum(w.shape[-2:]) - 2
+            fine = grid_max(w, 256)
+            assert fine <= a.bound <= fine / math.cos(math.pi * degree / 512) * (1 + RTOL) * (1 + 1e-8)
+    assert together[-1].bound == 0.0 and together[-2].bound == together[0].bound
+    assert conv_norm_bounds(kernels) == [cert.bound for cert in together]   # the public list form
+
+
+def test_a_models_certificate_searches_its_kernels_together_and_is_unchanged():
+    from recstab.models import build_model
+    from recstab.models.certificate import loop_certificate
+    from recstab.norms import bound as bound_module
+    torch.manual_seed(10)
+    model = build_model("vresnet", "feat", "denoise", channels=8, depth=6)
+    bound_module._CACHE.clear()
+    together = loop_certificate(model)                                   # default: one batched search
+    bound_module._CACHE.clear()
+    alone = loop_certificate(model, conv_norm=lambda w: conv_norm_bound(w))  # one search per kernel
+    assert together.bound == pytest.approx(alone.bound, rel=1e-12)
+    assert together.weights == pytest.approx(alone.weights, rel=1e-12)

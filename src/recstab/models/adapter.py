@@ -102,7 +102,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from recstab.models.certificate import (ConvNorm, LoopCertificate, chain_certificate, default_conv_norm,
+from recstab.models.certificate import (ConvNorm, LoopCertificate, chain_certificate, evaluate,
                                         feedforward_certificate, unbounded_certificate)
 from recstab.models.interface import StreamingNotSupported, VideoModel, check_task
 
@@ -199,13 +199,13 @@ class _Wrapper(VideoModel):
         return list({id(conv): conv for _, conv, _ in self._loop}.values())
 
     def loop_certificate(self, conv_norm: ConvNorm | None = None) -> LoopCertificate:
-        conv_norm = conv_norm or default_conv_norm()
         if not self.is_recurrent:
             return feedforward_certificate(self.memory)
         if self._rule == "chain":
-            return chain_certificate(self._chain_factors(conv_norm), self._lambda(), f"the state of {self.name}")
+            return evaluate(lambda norm: chain_certificate(self._chain_factors(norm), self._lambda(),
+                                                           f"the state of {self.name}"), conv_norm)
         if callable(self._rule):
-            cert = self._rule(conv_norm, self._lambda())
+            cert = evaluate(lambda norm: self._rule(norm, self._lambda()), conv_norm)
             if not isinstance(cert, LoopCertificate):
                 raise ValueError(f"the certificate function returned a {type(cert).__name__}; expected a "
                                  "recstab.models.certificate.LoopCertificate (e.g. from chain_certificate)")

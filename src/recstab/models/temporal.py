@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recstab.models.backbones import Backbone, conv3x3, he_init_
-from recstab.models.certificate import LoopCertificate, default_conv_norm
+from recstab.models.certificate import LoopCertificate, evaluate
 from recstab.models.connections import RECURRENCES, TemporalConnection, connection
 from recstab.models.interface import StreamingNotSupported, VideoModel, check_task
 
@@ -112,7 +112,7 @@ class RecurrentVideoModel(VideoModel):
 
     def loop_certificate(self, conv_norm=None) -> LoopCertificate:
         """Proven bound of the recurrence map (see :mod:`recstab.models.certificate`)."""
-        return self.connection.certificate(self.body, self.tail, conv_norm or default_conv_norm(), self.dampening)
+        return evaluate(lambda norm: self.connection.certificate(self.body, self.tail, norm, self.dampening), conv_norm)
 
     @property
     def memory(self) -> int | None:
@@ -193,8 +193,10 @@ class BidirectionalVideoModel(VideoModel):
         return self.causal.recurrent_convs() + self.anticausal.recurrent_convs()
 
     def loop_certificate(self, conv_norm=None) -> LoopCertificate:
-        cert = max((self.causal.loop_certificate(conv_norm), self.anticausal.loop_certificate(conv_norm)),
-                   key=lambda c: c.bound)
+        def larger(norm):
+            return max((self.causal.loop_certificate(norm), self.anticausal.loop_certificate(norm)),
+                       key=lambda c: c.bound)
+        cert = evaluate(larger, conv_norm)   # both directions' kernels in one search
         return LoopCertificate(cert.bound, cert.norm + ", for each direction's recurrence (the larger bound)",
                                cert.weights, cert.factors)
 

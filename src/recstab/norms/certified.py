@@ -80,7 +80,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from recstab.norms.bound import conv_norm_bound, conv_norm_bound_tensor
+from recstab.norms.bound import certified_peaks, conv_norm_bound, conv_norm_bound_tensor
 
 MARGIN = 1e-3     # relative room below rho: the per-conv bound's own slack on a rescaled kernel (≤ its rtol) and float32 rounding
 CERTIFIED_RECURRENCES = ("feat", "frame", "rlsp", "birlsp", "rlsp-mf3", "rlsp-mf7", "birlsp-mf3",
@@ -136,6 +136,19 @@ class LoopGain(nn.Module):
             product = product * factor
         return product
 
+    def _search_together(self, loop: torch.Tensor) -> None:
+        """Prove the bounds of the slice and of every partner kernel in one batched search (the certificates
+        are cached by value, so the differentiable bounds that follow find them)."""
+        kernels = [loop.detach()]
+
+        def record(weight: torch.Tensor) -> float:
+            kernels.append(weight.detach())
+            return 1.0
+
+        for kind, module in self._partners:
+            record(module.weight) if kind == "conv" else module.lipschitz(record)
+        certified_peaks(kernels)
+
     def target(self) -> torch.Tensor:
         """budget · sigmoid(logit): the bound the slice's loop product is normalised to."""
         return self.budget * torch.sigmoid(self.logit.to(torch.float64))
@@ -151,7 +164,9 @@ class LoopGain(nn.Module):
         if key is not None and key == getattr(self, "_cached_key", None):
             scale = self._cached_scale  # evaluation without parametrize.cached(): once per weight change
         else:
-            scale = self.target() / (bound_tensor(loop) * self.partner_product().to(loop.device))
+            with parametrize.cached():   # each partner weight computed once below, however often it is read
+                self._search_together(loop)
+                scale = self.target() / (bound_tensor(loop) * self.partner_product().to(loop.device))
             self._cached_key, self._cached_scale = key, (scale.detach() if key is not None else None)
         return torch.cat([free, loop * scale.to(loop.dtype)], dim=1)
 

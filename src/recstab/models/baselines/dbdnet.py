@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recstab.models.backbones import conv3x3, he_init_
-from recstab.models.certificate import LoopCertificate, default_conv_norm, triangular_certificate
+from recstab.models.certificate import LoopCertificate, evaluate, triangular_certificate
 from recstab.models.interface import VideoModel
 
 
@@ -102,11 +102,13 @@ class DBDNet(VideoModel):
 
     def loop_certificate(self, conv_norm=None) -> LoopCertificate:
         """Weighted-norm bound of the triangular loop over m_1..m_D (see the module docstring)."""
-        conv_norm = conv_norm or default_conv_norm()
         f, c = self.channels, self.in_channels
         # input channel layout: first [s_1, prev]; middle [s_l, m_{l-1}, prev]; last [s_D, m_{D-1}, prev]
         slices = [(None, slice(f, 2 * f))] + [(slice(f, 2 * f), slice(2 * f, 3 * f))] * (len(self.multi) - 2) \
             + [(slice(c, c + f), slice(c + f, c + f + c))]
-        main = [0.0 if m is None else conv_norm(conv.weight[:, m]) for conv, (m, _) in zip(self.multi, slices)]
-        own = [conv_norm(conv.weight[:, o]) for conv, (_, o) in zip(self.multi, slices)]
-        return triangular_certificate(main, own, self.dampening, state="the multi-frame outputs m_1..m_D")
+
+        def rule(norm):
+            main = [0.0 if m is None else norm(conv.weight[:, m]) for conv, (m, _) in zip(self.multi, slices)]
+            own = [norm(conv.weight[:, o]) for conv, (_, o) in zip(self.multi, slices)]
+            return triangular_certificate(main, own, self.dampening, state="the multi-frame outputs m_1..m_D")
+        return evaluate(rule, conv_norm)
