@@ -78,17 +78,11 @@ def evaluate(rule: Callable[[ConvNorm], LoopCertificate], conv_norm: ConvNorm | 
     """
     if conv_norm is not None:
         return rule(conv_norm)
-    from recstab.norms.bound import certified_peaks
-    kernels = []
-
-    def record(weight: torch.Tensor) -> float:
-        kernels.append(weight.detach())
-        return 1.0
-
+    from recstab.norms.bound import certified_peaks, kernels_bounded_by
     try:
-        rule(record)
+        kernels = kernels_bounded_by(rule)
     except Exception:  # noqa: BLE001 - a rule that fails on unit factors fails (and says why) in the real run below
-        kernels.clear()
+        kernels = []
     certified_peaks(kernels)
     return rule(default_conv_norm())
 

@@ -80,7 +80,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from recstab.norms.bound import certified_peaks, conv_norm_bound, conv_norm_bound_tensor
+from recstab.norms.bound import certified_peaks, conv_norm_bound, conv_norm_bound_tensor, kernels_bounded_by
 
 MARGIN = 1e-3     # relative room below rho: the per-conv bound's own slack on a rescaled kernel (≤ its rtol) and float32 rounding
 CERTIFIED_RECURRENCES = ("feat", "frame", "rlsp", "birlsp", "rlsp-mf3", "rlsp-mf7", "birlsp-mf3",
@@ -139,15 +139,9 @@ class LoopGain(nn.Module):
     def _search_together(self, loop: torch.Tensor) -> None:
         """Prove the bounds of the slice and of every partner kernel in one batched search (the certificates
         are cached by value, so the differentiable bounds that follow find them)."""
-        kernels = [loop.detach()]
-
-        def record(weight: torch.Tensor) -> float:
-            kernels.append(weight.detach())
-            return 1.0
-
-        for kind, module in self._partners:
-            record(module.weight) if kind == "conv" else module.lipschitz(record)
-        certified_peaks(kernels)
+        partners = kernels_bounded_by(lambda bound: [bound(module.weight) if kind == "conv" else module.lipschitz(bound)
+                                                      for kind, module in self._partners])
+        certified_peaks([loop.detach(), *partners])
 
     def target(self) -> torch.Tensor:
         """budget · sigmoid(logit): the bound the slice's loop product is normalised to."""
