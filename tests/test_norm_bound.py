@@ -201,6 +201,8 @@ def test_bad_input():
         conv_norm_bound(torch.randn(2, 2, 9, 9), n=8)
     with pytest.raises(ValueError, match="4-D conv kernel"):
         conv_norm_bound(torch.randn(2, 2, 3))
+    with pytest.raises(ValueError, match=r"n=70000 is too large.*5 <= n <= 65536"):
+        conv_norm_bound(torch.randn(2, 2, 3, 3), n=70000)
     with pytest.raises(ValueError, match="must be an int"):
         conv_norm_bound(torch.randn(2, 2, 3, 3), n=64.0)
     with pytest.raises(ValueError, match="non-finite"):
