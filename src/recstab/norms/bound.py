@@ -225,21 +225,14 @@ class GramTaps:
 
     def gram(self, kernel: torch.Tensor, omega: torch.Tensor, dtype: torch.dtype = torch.float32,
              sign: int = 1) -> torch.Tensor:
-        """sign·H_kernel[j](omega[j]) for the pairs j (kernel: P indices, omega: P × 2): P × m × m, complex."""
+        """sign·H_kernel[j](omega[j]) for the pairs j (kernel: P indices, omega: P × 2): P × m × m, complex.
+        The search passes the kernel indices grouped (ascending), so each kernel costs one matrix product."""
         coefficients = self._coefficients(omega, dtype)
         stack = self.stack(dtype, sign)
-        if self.batch == 1:
-            pairs = coefficients @ stack[0]
-        elif len(kernel) < 2 or bool((kernel[1:] >= kernel[:-1]).all()):   # sorted: one product per run
-            kernels, counts = torch.unique_consecutive(kernel, return_counts=True)
-            pairs = torch.empty(len(omega), stack.shape[-1], dtype=dtype)
-            for k, rows, out in zip(kernels.tolist(), coefficients.split(counts.tolist()), pairs.split(counts.tolist())):
-                torch.matmul(rows, stack[k], out=out)
-        else:
-            pairs = torch.empty(len(omega), stack.shape[-1], dtype=dtype)
-            for k in torch.unique(kernel).tolist():
-                rows = kernel == k
-                pairs[rows] = coefficients[rows] @ stack[k]
+        kernels, counts = torch.unique_consecutive(kernel, return_counts=True)   # runs of one kernel: one GEMM each
+        pairs = torch.empty(len(omega), stack.shape[-1], dtype=dtype)
+        for k, rows, out in zip(kernels.tolist(), coefficients.split(counts.tolist()), pairs.split(counts.tolist())):
+            torch.matmul(rows, stack[k], out=out)
         return torch.view_as_complex(pairs.view(len(omega), self.m, self.m, 2))
 
     def slopes(self, kernel: torch.Tensor, omega: torch.Tensor, vectors: torch.Tensor):
@@ -281,6 +274,18 @@ def certify(minus_H: torch.Tensor, tau: torch.Tensor, error: torch.Tensor) -> to
 def _eig(gram: GramTaps, kernel: torch.Tensor, omega: torch.Tensor, dtype: torch.dtype):
     values, vectors = torch.linalg.eigh(gram.gram(kernel, omega, dtype))
     return values.double(), vectors.to(torch.complex128)
+
+
+@dataclass
+class _Move:
+    """One start's proposed step in the climb: where it starts, the step, its weighted length, whether it is a
+    Newton step, and the value it must not fall below."""
+
+    start: int
+    step: tuple[float, float]
+    reach: float
+    newton: bool
+    value: float
 
 
 def _newton_step(grad, hess, top: float, free, weight) -> tuple[tuple[float, float], bool]:
@@ -328,32 +333,32 @@ def climb(gram: GramTaps, kernel: torch.Tensor, omega: torch.Tensor, steps: int 
             inverse_gaps[:, :-1] = 1 / (top[:, None] - values[rows, :-1]).clamp_min(1e-300)
             hess = second + 2 * ((coupling * inverse_gaps[:, None]) @ coupling.mH).real  # + 2 Σ_i Re(c_ji c̄_ki)/gap_i
             hess = hess * free[:, None] * free[None, :] - torch.diag(1 - free)
-            pending = []   # [start, step, reach, newton, value]: the starts that move, until a trial is accepted
+            pending = []   # the starts that move, until a trial step is accepted
             for start, g, h, value in zip(active, grad.tolist(), hess.tolist(), top.tolist()):
                 step, newton = _newton_step(g, h, value, free_axes, degrees)
                 reach = abs(step[0]) * degrees[0] + abs(step[1]) * degrees[1]
                 if reach > 0.5:
                     step, reach = (step[0] * 0.5 / reach, step[1] * 0.5 / reach), 0.5
                 if reach >= converged:
-                    pending.append([start, step, reach, newton, value])
-            active = [move[0] for move in pending]
+                    pending.append(_Move(start, step, reach, newton, value))
+            active = [move.start for move in pending]
             for attempt in range(3):
                 if not pending:
                     break
-                starts = torch.tensor([move[0] for move in pending])
-                trial = omega[starts] + torch.tensor([move[1] for move in pending], dtype=torch.float64)
+                starts = torch.tensor([move.start for move in pending])
+                trial = omega[starts] + torch.tensor([move.step for move in pending], dtype=torch.float64)
                 trial_values, trial_vectors = _eig(gram, kernel[starts], trial, dtype)
                 count[starts] += 1
-                accept = [top_value > move[4] * (1 - noise) or (move[3] and move[2] < 0.05)
+                accept = [top_value > move.value * (1 - noise) or (move.newton and move.reach < 0.05)
                           for move, top_value in zip(pending, trial_values[:, -1].tolist())]
                 taken = torch.tensor(accept)
                 omega[starts[taken]] = trial[taken]
                 values[starts[taken]], vectors[starts[taken]] = trial_values[taken], trial_vectors[taken]
                 pending = [move for move, ok in zip(pending, accept) if not ok]
                 for move in pending:   # a first rejected gradient step turns round, any other shrinks
-                    flip = attempt == 0 and not move[3]
-                    move[1] = (-move[1][0], -move[1][1]) if flip else (move[1][0] / 4, move[1][1] / 4)
-            stuck = {move[0] for move in pending}   # three rejected trials: this precision is done for that start
+                    turn = attempt == 0 and not move.newton
+                    move.step = (-move.step[0], -move.step[1]) if turn else (move.step[0] / 4, move.step[1] / 4)
+            stuck = {move.start for move in pending}   # three rejected trials: this precision is done for that start
             active = [start for start in active if start not in stuck]
     return omega, values[:, -1], count
 

@@ -129,19 +129,18 @@ class LoopGain(nn.Module):
                                                device=weight.device))
         self._partners = tuple(partners)  # plain attribute: the modules belong to the model, not to us
 
-    def partner_product(self) -> torch.Tensor:
+    def partner_product(self, bound=bound_tensor) -> torch.Tensor:
+        """Π of the partners' factors, each conv bounded by ``bound`` (default B̃)."""
         product = torch.ones((), dtype=torch.float64)
         for kind, module in self._partners:
-            factor = bound_tensor(module.weight) if kind == "conv" else module.lipschitz(bound_tensor)[0]
+            factor = bound(module.weight) if kind == "conv" else module.lipschitz(bound)[0]
             product = product * factor
         return product
 
     def _search_together(self, loop: torch.Tensor) -> None:
         """Prove the bounds of the slice and of every partner kernel in one batched search (the certificates
         are cached by value, so the differentiable bounds that follow find them)."""
-        partners = kernels_bounded_by(lambda bound: [bound(module.weight) if kind == "conv" else module.lipschitz(bound)
-                                                      for kind, module in self._partners])
-        certified_peaks([loop.detach(), *partners])
+        certified_peaks([loop.detach(), *kernels_bounded_by(self.partner_product)])
 
     def target(self) -> torch.Tensor:
         """budget · sigmoid(logit): the bound the slice's loop product is normalised to."""
